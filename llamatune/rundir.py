@@ -1,0 +1,80 @@
+"""The run directory: the self-describing output of `llamatune train` and the input of merge/eval.
+
+    runs/<name>/
+      recipe.yaml     resolved recipe (absolute paths): the only input later commands need
+      adapter/        peft format (adapter_config.json + adapter_model.safetensors)
+      tokenizer/      with the chat template used in training
+      metrics.jsonl   one JSON object per logged step / evaluation
+      summary.json    steps, tokens, tokens/s, wall time, held-out loss before/after, versions
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from importlib import metadata
+from pathlib import Path
+
+from llamatune.errors import RecipeError
+from llamatune.recipe import Recipe, recipe_to_yaml
+
+_VERSIONED = ("llamatune", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets")
+
+
+def choose_run_dir(recipe: Recipe, recipe_name: str, override: Path | None = None) -> Path:
+    """Picks the run directory and refuses to reuse a non-empty one (earlier results are never lost).
+
+    Raises:
+        RecipeError: If the chosen directory exists and is not empty.
+    """
+    if override is not None:
+        path = override
+    elif recipe.output.name:
+        path = recipe.output.dir / recipe.output.name
+    else:
+        path = recipe.output.dir / f"{recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if path.exists() and any(path.iterdir()):
+        raise RecipeError([
+            f"output: run directory {path} already exists and is not empty; choose another with "
+            "--run-dir DIR or --set output.name=NEW_NAME (llamatune never overwrites a run)"
+        ])
+    return path
+
+
+def start_run_dir(path: Path, recipe: Recipe) -> None:
+    """Creates the run directory and writes the resolved recipe first, so even a crashed run explains itself."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "recipe.yaml").write_text(recipe_to_yaml(recipe), encoding="utf-8")
+
+
+class MetricsLog:
+    """Appends one JSON object per line to metrics.jsonl (flushed, so a crash keeps what was logged)."""
+
+    def __init__(self, path: Path | None):
+        self._file = open(path, "a", encoding="utf-8") if path is not None else None
+
+    def write(self, **record) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def write_summary(path: Path, summary: dict) -> None:
+    """Writes summary.json with the library versions the run used appended."""
+    summary = {**summary, "versions": library_versions()}
+    (path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries that determine a run's numbers."""
+    out = {}
+    for name in _VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out

@@ -1,0 +1,214 @@
+"""`llamatune train`: the whole fine-tuning run, top to bottom, in one function on accelerate."""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from llamatune import model as models
+from llamatune.data import build_datasets
+from llamatune.data.batches import collate, epoch_order, eval_order
+from llamatune.data.encode import IGNORE_INDEX
+from llamatune.recipe import Recipe
+from llamatune.rundir import MetricsLog, choose_run_dir, start_run_dir, write_summary
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished run leaves in memory: its summary and the trained peft model (unwrapped)."""
+
+    summary: dict
+    model: Any
+
+
+def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console: Console | None = None) -> TrainResult:
+    """Fine-tunes a LoRA adapter as the recipe says and writes a run directory.
+
+    Args:
+        recipe: The validated recipe.
+        recipe_name: Used in the default run-directory name (usually the recipe file's stem).
+        run_dir: Overrides output.dir/output.name.
+        console: Where progress goes (default: stdout).
+
+    Returns:
+        The summary written to summary.json and the trained model.
+    """
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_cosine_schedule_with_warmup
+
+    console = console or Console(soft_wrap=True)
+    cfg = recipe.train
+    run_dir = choose_run_dir(recipe, recipe_name, run_dir)  # fail on a used run dir before any heavy work
+    acc = Accelerator(mixed_precision=cfg.mixed_precision)
+    say = console.print if acc.is_main_process else (lambda *_: None)
+    set_seed(cfg.seed)  # once: python, numpy, torch (adapter init, dropout) all follow from here
+
+    # ---- model source, tokenizer, data -------------------------------------------------------
+    with acc.main_process_first():  # one process fetches/converts a builtin; the others reuse the cache
+        ref = models.resolve(recipe.model, say)
+    tokenizer = models.load_tokenizer(ref, recipe.model.revision)
+    data = build_datasets(recipe.data, tokenizer, cfg.seed)
+
+    # ---- model ---------------------------------------------------------------------------------
+    t_load = time.perf_counter()
+    quantized = recipe.quantization.mode != "none"
+    base = models.load_base(ref, recipe.model, recipe.quantization, device_map={"": str(acc.device)})
+    model = models.apply_lora(base, recipe.lora, quantized)
+    load_s = time.perf_counter() - t_load
+    trainable, total = models.count_parameters(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model, optimizer = acc.prepare(model, optimizer)
+
+    # ---- schedule: everything derived from the recipe, printed before the first step --------------
+    world, rank = acc.num_processes, acc.process_index
+    micro_per_epoch = len(epoch_order(len(data.train), cfg.micro_batch_size, cfg.seed, 0, world)) // world
+    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    warmup = round(cfg.warmup_ratio * total_steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    say(
+        f"model {ref} ({load_s:.1f}s) | LoRA r={recipe.lora.r} on {recipe.lora.target_modules}: "
+        f"{trainable:,} trainable of {total:,} params ({100 * trainable / total:.2f}%)"
+        + (f" | base in {recipe.quantization.mode}" if quantized else "")
+    )
+    say(
+        f"data {len(data.train)} train / {len(data.eval)} held-out examples, "
+        f"{data.stats['train_label_tokens']:,} answer tokens | effective batch "
+        f"{cfg.micro_batch_size} x {cfg.grad_accum} accum x {world} proc = {cfg.micro_batch_size * cfg.grad_accum * world} "
+        f"| {total_steps} steps ({steps_per_epoch}/epoch), warmup {warmup} | device {acc.device}"
+    )
+
+    if acc.is_main_process:
+        start_run_dir(run_dir, recipe)
+    metrics = MetricsLog(run_dir / "metrics.jsonl" if acc.is_main_process else None)
+
+    def evaluate(step: int) -> float:
+        loss = _held_out_loss(model, data.eval, cfg.micro_batch_size, tokenizer.pad_token_id, acc)
+        metrics.write(step=step, eval_loss=loss)
+        say(f"held-out loss at step {step}: {loss:.4f}")
+        return loss
+
+    eval_before = evaluate(0)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    from llamatune.progress import TrainProgress
+
+    started = time.perf_counter()
+    tokens_seen, step, epoch, loss = 0, 0, 0, float("nan")
+    with TrainProgress(total_steps, console, cfg.log_every, acc.is_main_process) as progress:
+        while step < total_steps:
+            local = epoch_order(len(data.train), cfg.micro_batch_size, cfg.seed, epoch, world)[rank::world]
+            for first in range(0, len(local), cfg.grad_accum):
+                if step >= total_steps:
+                    break
+                t0 = time.perf_counter()
+                batches = [collate([data.train[i] for i in idx], tokenizer.pad_token_id)
+                           for idx in local[first : first + cfg.grad_accum]]
+                # Token-weighted loss: divide the summed per-token loss by the label tokens of the
+                # WHOLE optimizer step on ALL processes, so accumulation and DDP equal one big batch.
+                # DDP averages gradients over processes, hence the factor `world`.
+                n_local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+                n_step = int(acc.reduce(torch.tensor(n_local, device=acc.device), "sum"))
+                model.train()
+                loss_sum = 0.0
+                for i, batch in enumerate(batches):
+                    batch = {k: v.to(acc.device) for k, v in batch.items()}
+                    sync = nullcontext() if i == len(batches) - 1 else acc.no_sync(model)
+                    with sync:
+                        with acc.autocast():
+                            summed, _ = _summed_loss(model, batch)
+                        acc.backward(summed * world / max(n_step, 1))
+                    loss_sum += summed.item()
+                if cfg.max_grad_norm is not None:
+                    acc.clip_grad_norm_(params, cfg.max_grad_norm)
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+
+                loss = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), "sum")) / max(n_step, 1)
+                n_tokens = int(acc.reduce(torch.tensor(sum(int(b["attention_mask"].sum()) for b in batches), device=acc.device), "sum"))
+                tokens_seen += n_tokens
+                tps = n_tokens / (time.perf_counter() - t0)
+                progress.update(step, loss, lr, tps)
+                if step % cfg.log_every == 0 or step == total_steps:
+                    metrics.write(step=step, epoch=epoch, loss=loss, lr=lr, tokens=tokens_seen,
+                                  tokens_per_s=round(tps, 1), elapsed_s=round(time.perf_counter() - started, 2))
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+                    evaluate(step)
+            epoch += 1
+    train_s = time.perf_counter() - started
+    eval_after = evaluate(step)
+
+    # ---- artifacts -----------------------------------------------------------------------------
+    summary = {
+        "run_dir": str(run_dir.resolve()),
+        "base_model": ref,
+        "steps": step,
+        "epochs_started": epoch,
+        "tokens": tokens_seen,
+        "tokens_per_s": round(tokens_seen / train_s, 1) if train_s > 0 else None,
+        "train_wall_s": round(train_s, 2),
+        "model_load_s": round(load_s, 2),
+        "final_train_loss": loss,
+        "eval_loss_before": eval_before,
+        "eval_loss_after": eval_after,
+        "trainable_params": trainable,
+        "total_params": total,
+        "processes": world,
+        "device": str(acc.device),
+        "data": data.stats,
+    }
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        acc.unwrap_model(model).save_pretrained(run_dir / "adapter")
+        tokenizer.save_pretrained(run_dir / "tokenizer")
+        write_summary(run_dir, summary)
+    metrics.close()
+    say(f"[bold green]done[/] run directory: {run_dir}  held-out loss {eval_before:.4f} → {eval_after:.4f}")
+    return TrainResult(summary=summary, model=acc.unwrap_model(model))
+
+
+def _summed_loss(model, batch: dict):
+    """Sum of next-token cross-entropy over label tokens, and their count.
+
+    Shapes: input_ids/labels [B, T]; logits [B, T, V]; the prediction at t is scored against t+1.
+    """
+    import torch.nn.functional as F
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    summed = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)).float(),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return summed, int((targets != IGNORE_INDEX).sum())
+
+
+def _held_out_loss(model, examples, batch_size: int, pad_id: int, acc) -> float:
+    """Token-weighted mean loss over the held-out examples, summed across processes."""
+    import torch
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for idx in eval_order(examples, batch_size)[acc.process_index :: acc.num_processes]:
+            batch = {k: v.to(acc.device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
+            with acc.autocast():
+                summed, n = _summed_loss(model, batch)
+            total, count = total + summed.item(), count + n
+    total = float(acc.reduce(torch.tensor(total, device=acc.device), "sum"))
+    count = int(acc.reduce(torch.tensor(count, device=acc.device), "sum"))
+    return total / max(count, 1)

@@ -1,0 +1,125 @@
+"""Shared fixtures: a tiny random Llama and a tiny BPE tokenizer with a ChatML template, built on
+the spot (no network, seconds), and a guard that fails any test that opens an internet socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+# Read by huggingface_hub at import time, so it must be set before anything imports it.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CORPUS = [
+    "What is a fever? A fever is a body temperature above the normal range.",
+    "How do I treat a minor burn? Cool it under running water for twenty minutes.",
+    "The contract is governed by the laws of the State of New York.",
+    "Revenue increased from 1,146.2 million in 2018 to 1,452.4 million in 2019.",
+    "Drink water, rest, and see a clinician if symptoms last more than three days.",
+]
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+    """Tests never touch the network: any attempt to connect to an internet address fails loudly."""
+    real_connect = socket.socket.connect
+
+    def guarded(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            raise RuntimeError(f"test tried to open a network connection to {address!r}")
+        return real_connect(self, address)
+
+    def no_lookup(host, *args, **kwargs):
+        raise RuntimeError(f"test tried to resolve the network host {host!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+    monkeypatch.setattr(socket, "getaddrinfo", no_lookup)
+
+
+def build_tiny_model(folder: Path, seed: int = 0) -> Path:
+    """Writes a tiny random LlamaForCausalLM (GQA, tied embeddings) and its tokenizer into `folder`."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = CHATML
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A local Hugging Face folder holding the tiny model and tokenizer (built once per session)."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def qa_rows(n: int, offset: int = 0) -> list[dict]:
+    """n distinct short question/answer records."""
+    return [
+        {"question": f"What is item {i}? {CORPUS[i % len(CORPUS)][:30]}",
+         "answer": f"Item {i} is {CORPUS[(i + 1) % len(CORPUS)][:40]}"}
+        for i in range(offset, offset + n)
+    ]
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, tiny_model_dir) -> Path:
+    """A recipe training the tiny model for a few steps on generated Q&A; returns its path."""
+    write_jsonl(tmp_path / "train.jsonl", qa_rows(24))
+    write_jsonl(tmp_path / "eval.jsonl", qa_rows(8, offset=100))
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(
+        f"""
+model:
+  path: {tiny_model_dir}
+lora:
+  r: 4
+  alpha: 8
+  dropout: 0.0
+data:
+  train: train.jsonl
+  eval: eval.jsonl
+  prompt_field: question
+  response_field: answer
+  max_length: 128
+train:
+  seed: 7
+  max_steps: 4
+  micro_batch_size: 4
+  grad_accum: 2
+  lr: 5.0e-3
+output:
+  dir: {tmp_path / 'runs'}
+  name: tiny
+""",
+        encoding="utf-8",
+    )
+    return recipe

@@ -1,0 +1,39 @@
+"""The CLI front door: instant help (no torch at import), version, exit codes."""
+
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from llamatune import __version__
+from llamatune.cli import app
+
+
+def test_importing_the_cli_does_not_import_torch():
+    code = "import sys, llamatune.cli; bad = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; print(bad)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_help_and_version():
+    runner = CliRunner()
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0 and "train" in result.output and "validate" in result.output
+    assert runner.invoke(app, ["--version"]).output.strip() == f"llamatune {__version__}"
+
+
+def test_unknown_model_is_exit_2_with_suggestion(tmp_path):
+    (tmp_path / "t.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  path: smollm2-135m-instuct\ndata:\n  train: t.jsonl\n")
+    for command in ("validate", "train"):
+        result = CliRunner().invoke(app, [command, str(recipe)])
+        assert result.exit_code == 2, result.output
+        assert "Did you mean 'smollm2-135m-instruct'?" in result.output
+
+
+def test_models_list_and_unknown_pull():
+    runner = CliRunner()
+    assert "smollm2-135m-instruct" in runner.invoke(app, ["models", "list"]).output
+    result = runner.invoke(app, ["models", "pull", "smollm"])
+    assert result.exit_code == 2 and "unknown builtin model" in result.output

@@ -1,0 +1,78 @@
+"""Model references: local folder, hub id (through an offline HF cache), builtin names, LoRA targets."""
+
+import shutil
+
+import pytest
+
+from llamatune.errors import RecipeError
+from llamatune.model import apply_lora, classify, linear_module_names, load_base, resolve
+from llamatune.recipe import LoraSpec, ModelSpec, QuantizationSpec
+
+
+def test_classify_each_kind(tmp_path, tiny_model_dir):
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert classify(str(tiny_model_dir)) == "folder"
+    assert classify(str(tmp_path / "m.gguf")) == "gguf"
+    assert classify("smollm2-135m-instruct") == "builtin"
+    assert classify("HuggingFaceTB/SmolLM2-135M-Instruct") == "hub"
+    with pytest.raises(RecipeError, match="has no config.json"):
+        classify(str(tmp_path))
+    with pytest.raises(RecipeError, match="Did you mean 'smollm2-135m-instruct'"):
+        classify("smollm2-135m")
+
+
+def test_hub_id_loads_through_the_hub_code_path_offline(tmp_path, tiny_model_dir, monkeypatch):
+    """A hub id resolves through huggingface_hub's cache exactly as after a real download."""
+    repo = tmp_path / "hub" / "models--acme--tiny-llama"
+    snapshot = repo / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_model_dir, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(snapshot.name)
+    from huggingface_hub import constants
+
+    # huggingface_hub reads HF_HUB_CACHE at import; point the default cache at our fake one.
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    spec = ModelSpec(path="acme/tiny-llama")
+    ref = resolve(spec)
+    assert ref == "acme/tiny-llama"
+    model = load_base(ref, spec, QuantizationSpec())
+    assert model.config.num_hidden_layers == 2 and model.config.use_cache is False
+
+
+def test_lora_target_typo_gets_suggestion(tiny_model_dir):
+    spec = ModelSpec(path=str(tiny_model_dir))
+    model = load_base(str(tiny_model_dir), spec, QuantizationSpec())
+    assert linear_module_names(model) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    with pytest.raises(RecipeError) as info:
+        apply_lora(model, LoraSpec(target_modules=("qproj", "v_proj")), quantized=False)
+    assert info.value.problems == [
+        "lora.target_modules: 'qproj' not in model; linear layers: down_proj, gate_proj, k_proj, o_proj, "
+        "q_proj, up_proj, v_proj. Did you mean 'q_proj'?"
+    ]
+
+
+def test_nf4_gradients_unchanged_by_an_eval_pass(tiny_model_dir):
+    """Regression: bitsandbytes repacked 4-bit weights for CPU inference during eval, after which
+    backward skipped the base layers (wrong gradients, only a warning)."""
+    import torch
+
+    pytest.importorskip("bitsandbytes")
+    spec = ModelSpec(path=str(tiny_model_dir))
+    quant = QuantizationSpec(mode="nf4")
+    torch.manual_seed(0)
+    model = apply_lora(load_base(str(tiny_model_dir), spec, quant), LoraSpec(r=4, dropout=0.0), quantized=True)
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3, 8, 11]])
+
+    def grads():
+        model.train()
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    before = grads()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    after = grads()
+    for name, grad in before.items():
+        torch.testing.assert_close(after[name], grad, msg=name)
