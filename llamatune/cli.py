@@ -57,6 +57,39 @@ def _run(fn: Callable[[], None]) -> None:
         raise typer.Exit(exc.exit_code) from None
 
 
+def _load_checked(recipe: Path, overrides: Optional[List[str]]):
+    """Loads the recipe and checks everything that needs no weights: schema, data files, model reference.
+
+    Returns:
+        (recipe, model source kind).
+    """
+    from llamatune.errors import RecipeError
+    from llamatune.model import classify
+    from llamatune.recipe import load_recipe
+
+    parsed = load_recipe(recipe, overrides or [])
+    problems = [f"{key}: file not found: {path}" for key, path in
+                (("data.train", parsed.data.train), ("data.eval", parsed.data.eval))
+                if path is not None and not path.is_file()]
+    if problems:
+        raise RecipeError(problems, source=str(recipe))
+    return parsed, classify(parsed.model.path)
+
+
+def _quiet_libraries() -> None:
+    """Silences library chatter that tells a llamatune user nothing they can act on."""
+    import logging
+    import warnings
+
+    # bitsandbytes offers to download an optional CPU kernel from a model hub; we never do that.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # peft calls a transformers method that transformers itself has deprecated.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own messages say what is being loaded or converted
+
+
 @app.command()
 def train(
     recipe: Path = RecipeArg,
@@ -66,12 +99,9 @@ def train(
     """Fine-tune a LoRA adapter as RECIPE says and write a run directory."""
 
     def body() -> None:
-        from llamatune.model import classify
-        from llamatune.recipe import load_recipe
+        parsed, _ = _load_checked(recipe, overrides)
+        _quiet_libraries()
         from llamatune.train import train as run_training
-
-        parsed = load_recipe(recipe, overrides or [])
-        classify(parsed.model.path)
         run_training(parsed, recipe_name=recipe.stem, run_dir=run_dir, console=out)
 
     _run(body)
@@ -85,18 +115,7 @@ def validate(
     """Check RECIPE (schema, files, model reference) without loading any weights."""
 
     def body() -> None:
-        from llamatune.model import classify
-        from llamatune.recipe import load_recipe
-
-        parsed = load_recipe(recipe, overrides or [])
-        kind = classify(parsed.model.path)
-        problems = [f"{key}: file not found: {path}" for key, path in
-                    (("data.train", parsed.data.train), ("data.eval", parsed.data.eval))
-                    if path is not None and not path.is_file()]
-        if problems:
-            from llamatune.errors import RecipeError
-
-            raise RecipeError(problems, source=str(recipe))
+        parsed, kind = _load_checked(recipe, overrides)
         out.print(f"[green]ok[/] {recipe}: model {parsed.model.path} ({kind}), train {parsed.data.train}")
 
     _run(body)
@@ -127,6 +146,7 @@ def models_pull(name: str = typer.Argument(..., help="A builtin model name (see 
             close = difflib.get_close_matches(name, list(BUILTINS), n=1, cutoff=0.5)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise RecipeError([f"unknown builtin model {name!r}; builtins: {', '.join(BUILTINS)}.{hint}"])
+        _quiet_libraries()
         path = ensure_builtin(name, say=out.print)
         out.print(f"[green]ok[/] {name}: {path}")
 

@@ -94,5 +94,6 @@ def test_validate_cli_exit_2_without_traceback(tmp_path):
     assert "lora.alpah (line 2): unknown key (did you mean 'alpha'?)" in result.output
     assert "Traceback" not in result.output
     path.write_text("data:\n  train: missing.jsonl\n")
-    result = CliRunner().invoke(app, ["validate", str(path)])
-    assert result.exit_code == 2 and "data.train: file not found" in result.output
+    for command in ("validate", "train"):
+        result = CliRunner().invoke(app, [command, str(path)])
+        assert result.exit_code == 2 and "data.train: file not found" in result.output, result.output
