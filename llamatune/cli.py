@@ -121,6 +121,17 @@ def validate(
     _run(body)
 
 
+@app.command()
+def schema() -> None:
+    """Print every recipe key with its type, default and meaning."""
+    from rich.markup import escape
+
+    from llamatune.recipe import describe_keys
+
+    for key, type_name, default, description in describe_keys():
+        out.print(f"[bold]{key}[/]  [dim]{escape(f'{type_name} = {default}')}[/]\n    {escape(description)}", highlight=False)
+
+
 @models_app.command("list")
 def models_list() -> None:
     """List builtin models and whether each is cached."""

@@ -82,7 +82,8 @@ def load_base(ref: str, spec: ModelSpec, quant: QuantizationSpec, device_map=Non
     import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict = {"dtype": getattr(torch, spec.dtype), "revision": spec.revision}
+    # safetensors only: a pickled .bin checkpoint can execute code when loaded.
+    kwargs: dict = {"dtype": getattr(torch, spec.dtype), "revision": spec.revision, "use_safetensors": True}
     if quant.mode != "none":
         kwargs["quantization_config"] = _bnb_config(quant)
         kwargs["device_map"] = device_map or ({"": 0} if torch.cuda.is_available() else {"": "cpu"})

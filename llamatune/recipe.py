@@ -1,7 +1,7 @@
 """The recipe: a YAML file validated into frozen pydantic models.
 
 Every key is declared here with its type, default and meaning (the descriptions are the reference
-documentation: `llamatune validate --schema` prints them). Unknown keys are errors, never silently
+documentation: `llamatune schema` prints them). Unknown keys are errors, never silently
 ignored, and all problems are reported at once with the dotted key, the YAML line and a suggestion.
 """
 
@@ -200,6 +200,21 @@ def parse_recipe(raw: dict[str, Any], base_dir: Path = Path(".")) -> Recipe:
 def recipe_to_yaml(recipe: Recipe) -> str:
     """Serialises a recipe to YAML that load_recipe reads back to an equal recipe."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def describe_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """Lists (dotted key, type, default, description) for every leaf key of the schema."""
+    rows = []
+    for name, field in model.model_fields.items():
+        sub = _model_in(field.annotation)
+        if sub is not None:
+            rows += describe_keys(sub, f"{prefix}{name}.")
+            continue
+        ann = field.annotation
+        type_name = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "").replace("pathlib.", "")
+        default = "required" if field.is_required() else repr(field.default)
+        rows.append((f"{prefix}{name}", type_name, default, field.description or ""))
+    return rows
 
 
 def _validate(raw: dict, lines: dict[tuple, int], source: str | None, problems: list[str]) -> Recipe:

