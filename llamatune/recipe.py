@@ -185,7 +185,10 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     problems: list[str] = []
     _resolve_paths(raw, path.parent, problems)
     for item in overrides:
-        _apply_override(raw, item, problems)
+        key = _apply_override(raw, item, problems)
+        if key:
+            # A value set on the command line has no line in the file: say where it came from instead.
+            lines = {k: v for k, v in lines.items() if k[: len(key)] != key} | {key: "--set"}
     return _validate(raw, lines, str(path), problems)
 
 
@@ -217,7 +220,7 @@ def describe_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tup
     return rows
 
 
-def _validate(raw: dict, lines: dict[tuple, int], source: str | None, problems: list[str]) -> Recipe:
+def _validate(raw: dict, lines: dict[tuple, int | str], source: str | None, problems: list[str]) -> Recipe:
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
@@ -228,12 +231,12 @@ def _validate(raw: dict, lines: dict[tuple, int], source: str | None, problems: 
     return recipe
 
 
-def _describe(err: dict, lines: dict[tuple, int]) -> str:
+def _describe(err: dict, lines: dict[tuple, int | str]) -> str:
     """Turns one pydantic error into 'dotted.key (line N): what is wrong (did you mean ...)'."""
     loc = tuple(str(p) for p in err["loc"] if not _is_union_tag(p))
     dotted = ".".join(loc) or "(top level)"
     line = _nearest_line(loc, lines)
-    where = f"{dotted} (line {line})" if line else dotted
+    where = dotted if line is None else f"{dotted} ({line})" if line == "--set" else f"{dotted} (line {line})"
     if err["type"] == "extra_forbidden":
         allowed = _allowed_keys(loc[:-1])
         alias = _KNOWN_ALIASES.get(loc[-1])
@@ -273,9 +276,9 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _key_lines(text: str) -> dict[tuple, int]:
+def _key_lines(text: str) -> dict[tuple, int | str]:
     """Maps each dotted key path in the YAML text to its 1-based line number."""
-    out: dict[tuple, int] = {}
+    out: dict[tuple, int | str] = {}
 
     def walk(node: Any, prefix: tuple) -> None:
         if isinstance(node, yaml.MappingNode):
@@ -288,7 +291,7 @@ def _key_lines(text: str) -> dict[tuple, int]:
     return out
 
 
-def _nearest_line(loc: tuple, lines: dict[tuple, int]) -> int | None:
+def _nearest_line(loc: tuple, lines: dict[tuple, int | str]) -> int | str | None:
     # A missing key has no line of its own: point at its parent section instead.
     for n in range(len(loc), 0, -1):
         if loc[:n] in lines:
@@ -318,11 +321,12 @@ def _resolve_one(key: str, value: str, base: Path, problems: list[str]) -> str:
     return str(expanded if expanded.is_absolute() else (base / expanded).resolve())
 
 
-def _apply_override(raw: dict, item: str, problems: list[str]) -> None:
+def _apply_override(raw: dict, item: str, problems: list[str]) -> tuple[str, ...] | None:
+    """Sets one `key.sub=value` in the raw mapping; returns the key path, or None if malformed."""
     key, sep, value_text = item.partition("=")
     if not sep or not key.strip():
         problems.append(f"--set {item!r}: expected key=value, e.g. --set train.lr=1e-4")
-        return
+        return None
     try:
         value = yaml.safe_load(value_text) if value_text.strip() else None
     except yaml.YAMLError:
@@ -333,12 +337,13 @@ def _apply_override(raw: dict, item: str, problems: list[str]) -> None:
         nxt = node.setdefault(part, {})
         if not isinstance(nxt, dict):
             problems.append(f"--set {item!r}: '{part}' is a value, not a section")
-            return
+            return None
         node = nxt
     if tuple(parts) in _PATH_KEYS or tuple(parts) == ("model", "path"):
         if isinstance(value, str) and (tuple(parts) != ("model", "path") or Path(value).exists() or value.endswith(".gguf")):
             value = _resolve_one(key, value, Path.cwd(), problems)
     node[parts[-1]] = value
+    return tuple(parts)
 
 
 def _copy(obj: Any) -> Any:

@@ -73,3 +73,15 @@ def test_collate_pads_right_and_masks(tokenizer):
     n = len(short.input_ids)
     assert batch["input_ids"].shape == (2, len(long.input_ids))
     assert batch["attention_mask"][0, n:].sum() == 0 and (batch["labels"][0, n:] == IGNORE_INDEX).all()
+
+
+def test_pad_equal_to_end_of_turn_is_still_trained(tiny_model_dir):
+    """Many chat tokenizers (SmolLM2 among them) pad with their end-of-turn token: the mask, not
+    the pad id, decides what is ignored, so the answer's final end-of-turn keeps its label."""
+    tok = load_tokenizer(str(tiny_model_dir))
+    tok.pad_token = tok.eos_token
+    short, long = encode(tok, "a", "b"), encode(tok, "a longer question", "a much longer answer")
+    batch = collate([short, long], pad_id=tok.pad_token_id)
+    labels = batch["labels"][0].tolist()
+    assert labels.count(tok.eos_token_id) == 1  # the real one, not the padding after it
+    assert batch["input_ids"][0].tolist().count(tok.eos_token_id) > 1

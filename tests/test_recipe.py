@@ -56,7 +56,7 @@ def test_overrides_are_yaml_and_validated(tmp_path):
     path = write(tmp_path, "data:\n  train: train.jsonl\n")
     recipe = load_recipe(path, ["lora.r=8", "lora.target_modules=[q_proj, v_proj]", "train.lr=1e-4"])
     assert recipe.lora.r == 8 and recipe.lora.target_modules == ("q_proj", "v_proj") and recipe.train.lr == 1e-4
-    assert problems_of(path, ["lora.rank=8"]) == ["lora.rank: unknown key (did you mean 'r'?)"]
+    assert problems_of(path, ["lora.rank=8"]) == ["lora.rank (--set): unknown key (did you mean 'r'?)"]
     assert "expected key=value" in problems_of(path, ["lora.r"])[0]
 
 

@@ -29,6 +29,8 @@ def test_cli_train_writes_exactly_the_run_directory(tiny_recipe):
     assert [l["step"] for l in lines if "eval_loss" in l] == [0, 4]
     # the resolved recipe is self-sufficient: it loads again to the same recipe
     assert load_recipe(run / "recipe.yaml") == load_recipe(tiny_recipe)
+    # not a terminal: plain progress lines instead of a live bar
+    assert "step 4/4  loss " in result.output and " tok/s " in result.output
     last = result.output.strip().splitlines()[-1]
     assert "run directory" in last and "→" in last
     # a second run with the same name never overwrites the first
@@ -81,10 +83,38 @@ def test_summed_loss_matches_transformers_mean_loss(tiny_model_dir):
     torch.testing.assert_close(summed / n, reference)
 
 
-def test_qlora_nf4_trains_on_cpu(tiny_recipe, tmp_path):
+@pytest.mark.parametrize("mode,layer", [("nf4", "Linear4bit"), ("int8", "Linear8bitLt")])
+def test_quantized_base_trains_on_cpu(tiny_recipe, tmp_path, mode, layer):
     pytest.importorskip("bitsandbytes")
-    recipe = load_recipe(tiny_recipe, ["quantization.mode=nf4", "train.max_steps=2"])
+    recipe = load_recipe(tiny_recipe, [f"quantization.mode={mode}", "train.max_steps=2"])
     result = train(recipe, "tiny", run_dir=tmp_path / "q")
-    assert "Linear4bit" in type(result.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__
+    assert type(result.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == layer
     assert (tmp_path / "q" / "adapter" / "adapter_model.safetensors").is_file()
     assert result.summary["eval_loss_after"] < result.summary["eval_loss_before"]
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("lora.alpah=3", "lora.alpah (--set): unknown key (did you mean 'alpha'?)"),
+    ("train.micro_batch_size=four", "train.micro_batch_size (--set): Input should be a valid integer"),
+    ("lora.dropout=1.5", "lora.dropout (--set): Input should be less than 1"),
+    ("data.train=/nonexistent/train.jsonl", "data.train: file not found: /nonexistent/train.jsonl"),
+])
+def test_cli_recipe_errors_exit_2_with_dotted_path(tiny_recipe, override, expected):
+    result = CliRunner().invoke(app, ["train", str(tiny_recipe), "--set", override])
+    assert result.exit_code == 2, result.output
+    assert expected in result.output and "Traceback" not in result.output
+    assert not (tiny_recipe.parent / "runs").exists()  # nothing written for an invalid recipe
+
+
+def test_runtime_problem_is_exit_1_with_message(tiny_recipe, tiny_model_dir, tmp_path):
+    import shutil
+
+    no_template = tmp_path / "no-template"
+    shutil.copytree(tiny_model_dir, no_template)
+    config = json.loads((no_template / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (no_template / "tokenizer_config.json").write_text(json.dumps(config))
+    (no_template / "chat_template.jinja").unlink(missing_ok=True)
+    result = CliRunner().invoke(app, ["train", str(tiny_recipe), "--set", f"model.path={no_template}"])
+    assert result.exit_code == 1, result.output
+    assert "has no chat template" in result.output and "Traceback" not in result.output
