@@ -67,10 +67,16 @@ def _load_checked(recipe: Path, overrides: Optional[List[str]]):
     from llamatune.model import classify
     from llamatune.recipe import load_recipe
 
+    from llamatune.data.readers import source_files
+
     parsed = load_recipe(recipe, overrides or [])
-    problems = [f"{key}: file not found: {path}" for key, path in
-                (("data.train", parsed.data.train), ("data.eval", parsed.data.eval))
-                if path is not None and not path.is_file()]
+    problems = []
+    for split in ("train", "eval"):
+        for i, source in enumerate(getattr(parsed.data, split) or ()):
+            try:
+                source_files(source)
+            except RecipeError as exc:
+                problems += [f"data.{split}.{i}.path: {p}" for p in exc.problems]
     if problems:
         raise RecipeError(problems, source=str(recipe))
     return parsed, classify(parsed.model.path)
@@ -116,7 +122,8 @@ def validate(
 
     def body() -> None:
         parsed, kind = _load_checked(recipe, overrides)
-        out.print(f"[green]ok[/] {recipe}: model {parsed.model.path} ({kind}), train {parsed.data.train}")
+        sources = ", ".join(f"{s.path} ({s.format})" for s in parsed.data.train)
+        out.print(f"[green]ok[/] {recipe}: model {parsed.model.path} ({kind}); train {sources}")
 
     _run(body)
 

@@ -59,18 +59,13 @@ def resolve(spec: ModelSpec, say: Callable[[str], None] = print) -> str:
 
 
 def load_tokenizer(ref: str, revision: str | None = None):
-    """Loads the tokenizer and makes sure it can pad and has a chat template."""
+    """Loads the tokenizer and makes sure it can pad (the chat template is the data pipeline's concern)."""
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(ref, revision=revision)
     except OSError as exc:
         raise LlamatuneError(f"could not load a tokenizer from {ref!r}: {exc}") from exc
-    if not tokenizer.chat_template:
-        raise LlamatuneError(
-            f"the tokenizer of {ref!r} has no chat template, so prompts cannot be rendered the way the model "
-            "will see them at inference. Use an instruct/chat model, or add a chat_template to its tokenizer_config.json."
-        )
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of both attention and labels, so any id is safe here.
         tokenizer.pad_token = tokenizer.eos_token

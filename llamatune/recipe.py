@@ -1,8 +1,7 @@
-"""The recipe: a YAML file validated into frozen pydantic models.
+"""Loading a recipe: YAML → overrides → path resolution → the frozen schema in schema.py.
 
-Every key is declared here with its type, default and meaning (the descriptions are the reference
-documentation: `llamatune schema` prints them). Unknown keys are errors, never silently
-ignored, and all problems are reported at once with the dotted key, the YAML line and a suggestion.
+Unknown keys are errors, never silently ignored, and all problems are reported at once with the
+dotted key, the YAML line (or "--set") and a suggestion.
 """
 
 from __future__ import annotations
@@ -13,138 +12,15 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ValidationError
 
 from llamatune.errors import RecipeError
-
-Dtype = Literal["float32", "bfloat16", "float16"]
-
-
-class _Spec(BaseModel):
-    # Frozen so a recipe cannot drift after validation; extra="forbid" so typos are errors.
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
-
-
-class ModelSpec(_Spec):
-    """Which base model to fine-tune."""
-
-    path: str = Field(
-        "smollm2-135m-instruct",
-        description="Base model: a builtin alias (`llamatune models list`), a local Hugging Face "
-        "folder, a local .gguf file, or a hub id such as 'org/name' (needs a network once).",
-    )
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit); hub ids only.")
-    dtype: Dtype = Field(
-        "float32",
-        description="Dtype of the frozen base weights. float32 is exact and the fastest on most CPUs; "
-        "bfloat16 halves memory on GPUs that support it.",
-    )
-
-
-class LoraSpec(_Spec):
-    """The LoRA adapter (peft)."""
-
-    r: int = Field(16, ge=1, le=1024, description="Adapter rank. Higher = more capacity and memory.")
-    alpha: float = Field(32, gt=0, description="Scaling numerator: updates are scaled by alpha/r (alpha/sqrt(r) with rslora).")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input during training.")
-    target_modules: Union[Literal["all-linear"], tuple[str, ...]] = Field(
-        "all-linear",
-        description="'all-linear' (every linear layer except the output head) or a list of module "
-        "names such as [q_proj, k_proj, v_proj, o_proj].",
-    )
-    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r); helps at high rank.")
-    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA): often better quality, ~2x slower.")
-
-    @model_validator(mode="after")
-    def _non_empty_targets(self) -> "LoraSpec":
-        if isinstance(self.target_modules, tuple) and not self.target_modules:
-            raise ValueError("target_modules is an empty list; use 'all-linear' or name at least one module")
-        return self
-
-
-class QuantizationSpec(_Spec):
-    """Quantize the frozen base (QLoRA). The adapter itself always trains in full precision."""
-
-    mode: Literal["none", "nf4", "int8"] = Field(
-        "none", description="none | nf4 (4-bit NormalFloat, QLoRA) | int8 (LLM.int8). Needs bitsandbytes."
-    )
-    double_quant: bool = Field(True, description="nf4 only: also quantize the quantization constants (~0.4 bit/param saved).")
-    compute_dtype: Dtype = Field("float32", description="nf4 only: dtype the 4-bit weights are dequantized to for matmuls.")
-
-
-class DataSpec(_Spec):
-    """Instruction data: JSON Lines, one object per line with a prompt field and a response field."""
-
-    train: Path = Field(description="Training file (.jsonl). Relative paths are relative to the recipe file.")
-    eval: Path | None = Field(None, description="Held-out file (.jsonl). If omitted, eval_fraction of train is held out.")
-    eval_fraction: float | None = Field(
-        None, gt=0, lt=1, description="Share of train held out when `eval` is not given (then defaults to 0.1)."
-    )
-    prompt_field: str = Field("prompt", description="Key of the user prompt in each record.")
-    response_field: str = Field("response", description="Key of the target answer in each record.")
-    system_prompt: str | None = Field(None, description="Optional system message put before every prompt.")
-    max_length: int = Field(512, ge=16, description="Max tokens per example; longer examples are dropped and counted.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _default_fraction(cls, raw: Any) -> Any:
-        # The 0.1 default applies only without a held-out file, so the resolved recipe never
-        # carries both (and reloads cleanly).
-        if isinstance(raw, dict) and raw.get("eval") is None and raw.get("eval_fraction") is None:
-            return {**raw, "eval_fraction": 0.1}
-        return raw
-
-    @model_validator(mode="after")
-    def _eval_or_fraction(self) -> "DataSpec":
-        if self.eval is not None and self.eval_fraction is not None:
-            raise ValueError("set either `eval` (a held-out file) or `eval_fraction` (split train), not both")
-        if self.prompt_field == self.response_field:
-            raise ValueError(f"prompt_field and response_field are both {self.prompt_field!r}")
-        return self
-
-
-class TrainSpec(_Spec):
-    """The optimisation loop."""
-
-    seed: int = Field(42, description="Seeds data order, the held-out split, adapter init and dropout.")
-    epochs: int = Field(1, ge=1, description="Passes over the training set (ignored when max_steps is set).")
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
-    micro_batch_size: int = Field(4, ge=1, description="Examples per forward pass per process.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (effective batch = micro x accum x processes).")
-    lr: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
-    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps with linear warmup before the cosine decay.")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm; null disables clipping.")
-    eval_every: int | None = Field(None, ge=1, description="Also evaluate held-out loss every N steps (always before and after).")
-    log_every: int = Field(1, ge=1, description="Write a metrics line every N steps.")
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast for the forward pass (GPU).")
-
-
-class OutputSpec(_Spec):
-    """Where the run directory goes."""
-
-    dir: Path = Field(Path("runs"), description="Parent folder of run directories. Relative to the current directory.")
-    name: str | None = Field(None, description="Run name; default '<recipe name>-<timestamp>'. An existing non-empty run is never overwritten.")
-
-
-class Recipe(_Spec):
-    """A complete fine-tuning recipe."""
-
-    model: ModelSpec = ModelSpec()
-    lora: LoraSpec = LoraSpec()
-    quantization: QuantizationSpec = QuantizationSpec()
-    data: DataSpec
-    train: TrainSpec = TrainSpec()
-    output: OutputSpec = OutputSpec()
-
-
-# Keys that hold file paths: resolved against the recipe's folder (or the cwd for --set) and
-# expanded for ${ENV_VARS}, so a run directory records absolute, reproducible paths.
-_PATH_KEYS = (("data", "train"), ("data", "eval"))
-
+from llamatune.schema import (  # noqa: F401  (re-exported: callers import specs from here)
+    DataSpec, LoraSpec, ModelSpec, OutputSpec, QuantizationSpec, Recipe, SourceSpec, TrainSpec,
+)
 
 # Names other tools (peft, transformers, axolotl) use for our keys: spelling is not close, intent is.
 _KNOWN_ALIASES = {
@@ -153,6 +29,13 @@ _KNOWN_ALIASES = {
     "batch_size": "micro_batch_size", "per_device_train_batch_size": "micro_batch_size",
     "gradient_accumulation_steps": "grad_accum", "sequence_len": "max_length", "max_seq_length": "max_length",
     "model_name_or_path": "path", "base_model": "path", "output_dir": "dir",
+}
+
+
+# Keys that no longer exist where people (or older recipes) put them, and what replaced them.
+_MOVED = {
+    "prompt_field": "fields are now templates on each source: data.train: {path: ..., prompt: '{question}'}",
+    "response_field": "fields are now templates on each source: data.train: {path: ..., response: '{answer}'}",
 }
 
 
@@ -183,12 +66,16 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise RecipeError(["the top level must be a mapping of sections (model:, lora:, data:, ...)"], source=str(path))
 
     problems: list[str] = []
-    _resolve_paths(raw, path.parent, problems)
+    from_cli: set[tuple] = set()
+    _normalize_sources(raw)
     for item in overrides:
         key = _apply_override(raw, item, problems)
         if key:
+            from_cli.add(key)
             # A value set on the command line has no line in the file: say where it came from instead.
             lines = {k: v for k, v in lines.items() if k[: len(key)] != key} | {key: "--set"}
+    # Paths are resolved after overrides, so --set data.root=... applies to the file's sources.
+    _resolve_paths(raw, path.parent, from_cli, problems)
     return _validate(raw, lines, str(path), problems)
 
 
@@ -196,7 +83,7 @@ def parse_recipe(raw: dict[str, Any], base_dir: Path = Path(".")) -> Recipe:
     """Validates an in-memory recipe mapping (paths relative to base_dir)."""
     problems: list[str] = []
     raw = _copy(raw)
-    _resolve_paths(raw, base_dir, problems)
+    _resolve_paths(raw, base_dir, set(), problems)
     return _validate(raw, {}, None, problems)
 
 
@@ -239,6 +126,8 @@ def _describe(err: dict, lines: dict[tuple, int | str]) -> str:
     where = dotted if line is None else f"{dotted} ({line})" if line == "--set" else f"{dotted} (line {line})"
     if err["type"] == "extra_forbidden":
         allowed = _allowed_keys(loc[:-1])
+        if loc[-1] in _MOVED:
+            return f"{where}: unknown key ({_MOVED[loc[-1]]})"
         alias = _KNOWN_ALIASES.get(loc[-1])
         close = [alias] if alias in allowed else difflib.get_close_matches(loc[-1], allowed, n=1, cutoff=0.6)
         hint = f" (did you mean '{close[0]}'?)" if close else f" (allowed: {', '.join(allowed)})"
@@ -299,17 +188,41 @@ def _nearest_line(loc: tuple, lines: dict[tuple, int | str]) -> int | str | None
     return None
 
 
-def _resolve_paths(raw: dict, base: Path, problems: list[str]) -> None:
-    for section, key in _PATH_KEYS:
-        sub = raw.get(section)
-        if isinstance(sub, dict) and isinstance(sub.get(key), str):
-            sub[key] = _resolve_one(f"{section}.{key}", sub[key], base, problems)
+def _resolve_paths(raw: dict, recipe_dir: Path, from_cli: set[tuple], problems: list[str]) -> None:
+    """Makes every local path absolute: values from --set against the cwd, values from the file
+    against the recipe's folder, and relative data sources against data.root when it is set."""
+
+    def base_for(key: tuple) -> Path:
+        return Path.cwd() if any(key[: len(k)] == k for k in from_cli) else recipe_dir
+
     model = raw.get("model")
     if isinstance(model, dict) and isinstance(model.get("path"), str):
-        value = model["path"]
+        value, base = model["path"], base_for(("model", "path"))
         # Only a value that names a local file/folder is rebased; aliases and hub ids stay as written.
         if value.startswith((".", "/", "~", "$")) or value.endswith(".gguf") or (base / value).exists():
-            model["path"] = str(_resolve_one("model.path", value, base, problems))
+            model["path"] = _resolve_one("model.path", value, base, problems)
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return
+    if isinstance(data.get("root"), str):
+        data["root"] = _resolve_one("data.root", data["root"], base_for(("data", "root")), problems)
+    for split in ("train", "eval"):
+        value = data.get(split)
+        if isinstance(value, (str, dict)):
+            value = data[split] = [value]
+        if not isinstance(value, list):
+            continue
+        for i, source in enumerate(value):
+            key = ("data", split, str(i))
+            if isinstance(source, str):
+                source = value[i] = {"path": source}
+            if not isinstance(source, dict) or not isinstance(source.get("path"), str):
+                continue
+            from_file = base_for(key) == recipe_dir and base_for(key + ("path",)) == recipe_dir
+            base = Path(data["root"]) if from_file and isinstance(data.get("root"), str) else base_for(key + ("path",))
+            if source.get("reader") == "hub" and not (base / source["path"]).exists():
+                continue  # a dataset id, not a local folder
+            source["path"] = _resolve_one(f"data.{split}.{i}.path", source["path"], base, problems)
 
 
 def _resolve_one(key: str, value: str, base: Path, problems: list[str]) -> str:
@@ -322,7 +235,11 @@ def _resolve_one(key: str, value: str, base: Path, problems: list[str]) -> str:
 
 
 def _apply_override(raw: dict, item: str, problems: list[str]) -> tuple[str, ...] | None:
-    """Sets one `key.sub=value` in the raw mapping; returns the key path, or None if malformed."""
+    """Sets one `key.sub=value` (list items by index: data.train.0.path) in the raw mapping.
+
+    Returns:
+        The key path, or None if the override is malformed (a problem is recorded).
+    """
     key, sep, value_text = item.partition("=")
     if not sep or not key.strip():
         problems.append(f"--set {item!r}: expected key=value, e.g. --set train.lr=1e-4")
@@ -332,18 +249,32 @@ def _apply_override(raw: dict, item: str, problems: list[str]) -> tuple[str, ...
     except yaml.YAMLError:
         value = value_text  # not YAML: take it as a plain string, validation decides
     parts = key.strip().split(".")
-    node = raw
-    for part in parts[:-1]:
-        nxt = node.setdefault(part, {})
-        if not isinstance(nxt, dict):
-            problems.append(f"--set {item!r}: '{part}' is a value, not a section")
+    node: Any = raw
+    for n, part in enumerate(parts):
+        last = n == len(parts) - 1
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            if last:
+                node[int(part)] = value
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            problems.append(f"--set {item!r}: '{'.'.join(parts[:n])}' is a value, not a section"
+                            if not isinstance(node, list) else f"--set {item!r}: no item {part} in '{'.'.join(parts[:n])}'")
             return None
-        node = nxt
-    if tuple(parts) in _PATH_KEYS or tuple(parts) == ("model", "path"):
-        if isinstance(value, str) and (tuple(parts) != ("model", "path") or Path(value).exists() or value.endswith(".gguf")):
-            value = _resolve_one(key, value, Path.cwd(), problems)
-    node[parts[-1]] = value
     return tuple(parts)
+
+
+def _normalize_sources(raw: dict) -> None:
+    """Turns the shorthands `train: path` and `train: {path: ...}` into lists, so that overrides can
+    address every source the same way (data.train.0.path)."""
+    data = raw.get("data")
+    for split in ("train", "eval"):
+        if isinstance(data, dict) and isinstance(data.get(split), (str, dict)):
+            data[split] = [data[split]]
 
 
 def _copy(obj: Any) -> Any:

@@ -5,6 +5,7 @@
       adapter/        peft format (adapter_config.json + adapter_model.safetensors)
       tokenizer/      with the chat template used in training
       metrics.jsonl   one JSON object per logged step / evaluation
+      data_manifest.json  sources with sha256, record/example counts, drops by reason, split, overlap
       summary.json    steps, tokens, tokens/s, wall time, held-out loss before/after, versions
 """
 
@@ -61,6 +62,11 @@ class MetricsLog:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+
+
+def write_manifest(path: Path, manifest: dict) -> None:
+    """Writes data_manifest.json: where every example came from and what was dropped, and why."""
+    (path / "data_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
 def write_summary(path: Path, summary: dict) -> None:

@@ -12,11 +12,11 @@ from typing import Any
 from rich.console import Console
 
 from llamatune import model as models
-from llamatune.data import build_datasets
+from llamatune.data.pipeline import build_datasets
 from llamatune.data.batches import collate, epoch_order, eval_order
 from llamatune.data.encode import IGNORE_INDEX
 from llamatune.recipe import Recipe
-from llamatune.rundir import MetricsLog, choose_run_dir, start_run_dir, write_summary
+from llamatune.rundir import MetricsLog, choose_run_dir, start_run_dir, write_manifest, write_summary
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,7 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
 
     # ---- schedule: everything derived from the recipe, printed before the first step --------------
     world, rank = acc.num_processes, acc.process_index
+    totals = data.manifest["totals"]
     micro_per_epoch = len(epoch_order(len(data.train), cfg.micro_batch_size, cfg.seed, 0, world)) // world
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
@@ -81,14 +82,18 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
         + (f" | base in {recipe.quantization.mode}" if quantized else "")
     )
     say(
-        f"data {len(data.train)} train / {len(data.eval)} held-out examples, "
-        f"{data.stats['train_label_tokens']:,} answer tokens | effective batch "
+        f"data {totals['train_examples']} train / {totals['eval_examples']} held-out examples"
+        + (f" packed into {totals['train_rows']} rows ({totals['packing_efficiency']:.0%} full)" if recipe.data.packing else "")
+        + f", {totals['train_label_tokens']:,} trained tokens | effective batch "
         f"{cfg.micro_batch_size} x {cfg.grad_accum} accum x {world} proc = {cfg.micro_batch_size * cfg.grad_accum * world} "
         f"| {total_steps} steps ({steps_per_epoch}/epoch), warmup {warmup} | device {acc.device}"
     )
 
     if acc.is_main_process:
         start_run_dir(run_dir, recipe)
+        write_manifest(run_dir, data.manifest)
+    for warning in data.manifest.get("warnings", []):
+        say(f"[yellow]warning:[/] {warning}")
     metrics = MetricsLog(run_dir / "metrics.jsonl" if acc.is_main_process else None)
 
     def evaluate(step: int) -> float:
@@ -111,8 +116,8 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
                 if step >= total_steps:
                     break
                 t0 = time.perf_counter()
-                batches = [collate([data.train[i] for i in idx], tokenizer.pad_token_id)
-                           for idx in local[first : first + cfg.grad_accum]]
+                groups = [[data.train[i] for i in idx] for idx in local[first : first + cfg.grad_accum]]
+                batches = [collate(rows, tokenizer.pad_token_id) for rows in groups]
                 # Token-weighted loss: divide the summed per-token loss by the label tokens of the
                 # WHOLE optimizer step on ALL processes, so accumulation and DDP equal one big batch.
                 # DDP averages gradients over processes, hence the factor `world`.
@@ -137,7 +142,8 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
                 step += 1
 
                 loss = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), "sum")) / max(n_step, 1)
-                n_tokens = int(acc.reduce(torch.tensor(sum(int(b["attention_mask"].sum()) for b in batches), device=acc.device), "sum"))
+                real = sum(len(e.input_ids) for rows in groups for row in rows for e in row)
+                n_tokens = int(acc.reduce(torch.tensor(real, device=acc.device), "sum"))
                 tokens_seen += n_tokens
                 tps = n_tokens / (time.perf_counter() - t0)
                 progress.update(step, loss, lr, tps)
@@ -167,7 +173,7 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
         "total_params": total,
         "processes": world,
         "device": str(acc.device),
-        "data": data.stats,
+        "data": totals,
     }
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -186,7 +192,9 @@ def _summed_loss(model, batch: dict):
     """
     import torch.nn.functional as F
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # position_ids restart per packed example; with the block-diagonal mask this isolates examples.
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"]).logits
     targets = batch["labels"][:, 1:]
     summed = F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.size(-1)).float(),
@@ -197,15 +205,15 @@ def _summed_loss(model, batch: dict):
     return summed, int((targets != IGNORE_INDEX).sum())
 
 
-def _held_out_loss(model, examples, batch_size: int, pad_id: int, acc) -> float:
+def _held_out_loss(model, rows, batch_size: int, pad_id: int, acc) -> float:
     """Token-weighted mean loss over the held-out examples, summed across processes."""
     import torch
 
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for idx in eval_order(examples, batch_size)[acc.process_index :: acc.num_processes]:
-            batch = {k: v.to(acc.device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
+        for idx in eval_order(rows, batch_size)[acc.process_index :: acc.num_processes]:
+            batch = {k: v.to(acc.device) for k, v in collate([rows[i] for i in idx], pad_id).items()}
             with acc.autocast():
                 summed, n = _summed_loss(model, batch)
             total, count = total + summed.item(), count + n

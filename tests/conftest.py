@@ -10,13 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from llamatune.data.encode import CHATML
+
 # Read by huggingface_hub at import time, so it must be set before anything imports it.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 CORPUS = [
     "What is a fever? A fever is a body temperature above the normal range.",
     "How do I treat a minor burn? Cool it under running water for twenty minutes.",
@@ -105,10 +103,14 @@ lora:
   alpha: 8
   dropout: 0.0
 data:
-  train: train.jsonl
-  eval: eval.jsonl
-  prompt_field: question
-  response_field: answer
+  train:
+    path: train.jsonl
+    prompt: "{{question}}"
+    response: "{{answer}}"
+  eval:
+    path: eval.jsonl
+    prompt: "{{question}}"
+    response: "{{answer}}"
   max_length: 128
 train:
   seed: 7

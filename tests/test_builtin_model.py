@@ -46,7 +46,8 @@ def test_builtin_model_trains_and_held_out_loss_drops(builtin_folder, tmp_path):
     (tmp_path / "eval.jsonl").write_text("\n".join(eval_rows) + "\n")
     recipe = parse_recipe({
         "model": {"path": "smollm2-135m-instruct"},
-        "data": {"train": "train.jsonl", "eval": "eval.jsonl", "prompt_field": "question", "response_field": "answer"},
+        "data": {"train": {"path": "train.jsonl", "prompt": "{question}", "response": "{answer}"},
+                 "eval": {"path": "eval.jsonl", "prompt": "{question}", "response": "{answer}"}},
         "train": {"max_steps": 5, "micro_batch_size": 8, "lr": 1e-3, "warmup_ratio": 0.0},
     }, base_dir=tmp_path)
     result = train(recipe, "builtin", run_dir=tmp_path / "run")

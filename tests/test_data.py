@@ -1,19 +1,27 @@
-"""Data path: completion-only labels, file:line errors, held-out split, batching."""
+"""Data pipeline: completion-only labels, splits by document, dedup, overlap, length policy, manifest."""
+
+import json
 
 import pytest
 
 from conftest import qa_rows, write_jsonl
-from llamatune.data import build_datasets
-from llamatune.data.batches import collate, epoch_order
-from llamatune.data.encode import IGNORE_INDEX, encode
+from llamatune.data.batches import collate, epoch_order, unpacked
+from llamatune.data.encode import IGNORE_INDEX, encode, encode_document
+from llamatune.data.pipeline import build_datasets
 from llamatune.errors import RecipeError
 from llamatune.model import load_tokenizer
-from llamatune.recipe import DataSpec
+from llamatune.schema import DataSpec
+
+QA = {"prompt": "{question}", "response": "{answer}"}
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model_dir):
     return load_tokenizer(str(tiny_model_dir))
+
+
+def spec(tmp_path, train, eval=None, **kw) -> DataSpec:
+    return DataSpec(train=[{"path": str(train), **QA}], eval=[{"path": str(eval), **QA}] if eval else None, **kw)
 
 
 def test_labels_mask_prompt_and_keep_end_of_turn(tokenizer):
@@ -30,58 +38,95 @@ def test_labels_mask_prompt_and_keep_end_of_turn(tokenizer):
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
 
 
-def test_bad_lines_are_named_with_file_line_and_fix(tmp_path, tokenizer):
-    path = tmp_path / "bad.jsonl"
-    path.write_text('{"question": "q", "answer": "a"}\n{not json}\n{"question": "q", "answr": "a"}\n{"question": "q", "answer": 3}\n')
-    with pytest.raises(RecipeError) as info:
-        build_datasets(DataSpec(train=path, prompt_field="question", response_field="answer"), tokenizer, seed=0)
-    found = info.value.problems
-    assert found[0].startswith(f"{path}:2: not valid JSON")
-    assert found[1] == f"{path}:3: no key 'answer' (data.response_field); set data.response_field: answr"
-    assert found[2].startswith(f"{path}:4: 'answer' must be a non-empty string")
-
-
-def test_held_out_fraction_is_seeded_and_disjoint(tmp_path, tokenizer):
-    path = write_jsonl(tmp_path / "t.jsonl", qa_rows(20))
-    spec = DataSpec(train=path, eval_fraction=0.25, prompt_field="question", response_field="answer")
-    a, b = build_datasets(spec, tokenizer, seed=1), build_datasets(spec, tokenizer, seed=1)
-    assert (len(a.train), len(a.eval)) == (15, 5)
-    assert a.eval == b.eval
-    assert not set(a.eval) & set(a.train)
-    assert build_datasets(spec, tokenizer, seed=2).eval != a.eval
-
-
-def test_too_long_examples_are_dropped_and_counted(tmp_path, tokenizer):
-    rows = qa_rows(4) + [{"question": "long " * 200, "answer": "x"}]
-    path = write_jsonl(tmp_path / "t.jsonl", rows)
-    spec = DataSpec(train=path, eval=path, prompt_field="question", response_field="answer", max_length=64)
-    data = build_datasets(spec, tokenizer, seed=0)
-    assert data.stats["dropped_too_long"] == {"train": 1, "eval": 1} and len(data.train) == 4
-
-
-def test_epoch_order_covers_every_example_and_balances_processes():
-    single = epoch_order(10, 4, seed=3, epoch=0)
-    assert sorted(i for b in single for i in b) == list(range(10)) and [len(b) for b in single] == [4, 4, 2]
-    assert epoch_order(10, 4, seed=3, epoch=1) != single
-    multi = epoch_order(10, 3, seed=3, epoch=0, world_size=2)
-    assert len(multi) % 2 == 0 and all(len(b) == 3 for b in multi)
-
-
-def test_collate_pads_right_and_masks(tokenizer):
-    short, long = encode(tokenizer, "a", "b"), encode(tokenizer, "a longer question", "a longer answer")
-    batch = collate([short, long], pad_id=tokenizer.pad_token_id)
-    n = len(short.input_ids)
-    assert batch["input_ids"].shape == (2, len(long.input_ids))
-    assert batch["attention_mask"][0, n:].sum() == 0 and (batch["labels"][0, n:] == IGNORE_INDEX).all()
-
-
 def test_pad_equal_to_end_of_turn_is_still_trained(tiny_model_dir):
     """Many chat tokenizers (SmolLM2 among them) pad with their end-of-turn token: the mask, not
     the pad id, decides what is ignored, so the answer's final end-of-turn keeps its label."""
     tok = load_tokenizer(str(tiny_model_dir))
     tok.pad_token = tok.eos_token
     short, long = encode(tok, "a", "b"), encode(tok, "a longer question", "a much longer answer")
-    batch = collate([short, long], pad_id=tok.pad_token_id)
-    labels = batch["labels"][0].tolist()
-    assert labels.count(tok.eos_token_id) == 1  # the real one, not the padding after it
+    batch = collate(unpacked([short, long]), pad_id=tok.pad_token_id)
+    assert batch["labels"][0].tolist().count(tok.eos_token_id) == 1  # the real one, not the padding
     assert batch["input_ids"][0].tolist().count(tok.eos_token_id) > 1
+
+
+def test_text_windows_lose_no_token_and_count_none_twice(tokenizer):
+    text = " ".join(f"word{i}" for i in range(300))
+    ids = [tokenizer.bos_token_id] * (tokenizer.bos_token_id is not None) + tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    for overlap in (0, 5):
+        windows = encode_document(tokenizer, text, max_length=64, overlap=overlap)
+        assert all(len(w.input_ids) <= 64 for w in windows) and len(windows) > 3
+        # every token except the very first is a target exactly once (position 0 of a window never is)
+        trained = [t for w in windows for t in w.labels[1:] if t != IGNORE_INDEX]
+        assert trained == ids[1:]
+
+
+def test_held_out_fraction_splits_by_document(tmp_path, tokenizer):
+    docs = [{"id": f"d{i}", "questions": [{"q": f"Question {i}.{j} about topic {i}?", "a": f"Answer {i}.{j}."} for j in range(3)]}
+            for i in range(10)]
+    path = tmp_path / "docs.json"
+    path.write_text(json.dumps(docs))
+    source = {"path": str(path), "explode": "questions", "prompt": "{questions.q}", "response": "{questions.a}"}
+    data_spec = DataSpec(train=[source], eval_fraction=0.2)
+    a, b = build_datasets(data_spec, tokenizer, seed=1), build_datasets(data_spec, tokenizer, seed=1)
+    assert (a.manifest["totals"]["train_examples"], a.manifest["totals"]["eval_examples"]) == (24, 6)
+    assert a.eval == b.eval  # seeded
+    held_docs = {tokenizer.decode(r[0].input_ids).split("Question ")[1].split(".")[0] for r in a.eval}
+    train_docs = {tokenizer.decode(r[0].input_ids).split("Question ")[1].split(".")[0] for r in a.train}
+    assert len(held_docs) == 2 and not held_docs & train_docs  # whole documents on one side
+    assert build_datasets(data_spec, tokenizer, seed=2).eval != a.eval
+
+
+def test_length_policy_drop_truncate_error(tmp_path, tokenizer):
+    rows = qa_rows(4) + [{"question": "long " * 200, "answer": "x"}, {"question": "short", "answer": "long " * 200}]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    data = build_datasets(spec(tmp_path, path, path, max_length=64, max_overlap=1.0), tokenizer, seed=0)
+    assert data.manifest["length"] == {"train": {"too_long": 2}, "eval": {"too_long": 2}} and len(data.train) == 4
+    data = build_datasets(spec(tmp_path, path, path, max_length=64, max_overlap=1.0, length_policy="truncate"), tokenizer, seed=0)
+    # the long answer is cut to fit; the long prompt leaves nothing to learn and is still dropped
+    assert data.manifest["length"]["train"] == {"truncated": 1, "too_long": 1}
+    assert max(len(r[0].input_ids) for r in data.train) == 64
+    with pytest.raises(RecipeError, match=r"t.jsonl:5: \d+ tokens, over data.max_length=64"):
+        build_datasets(spec(tmp_path, path, path, max_length=64, max_overlap=1.0, length_policy="error"), tokenizer, seed=0)
+
+
+def test_duplicates_removed_and_overlap_fails_above_threshold(tmp_path, tokenizer):
+    train = write_jsonl(tmp_path / "train.jsonl", qa_rows(10) + qa_rows(2))  # 2 exact duplicates
+    held = qa_rows(3, offset=100) + [
+        dict(qa_rows(1)[0], question=qa_rows(1)[0]["question"].upper() + "  "),  # same after normalization
+    ]
+    held_path = write_jsonl(tmp_path / "held.jsonl", held)
+    with pytest.raises(RecipeError, match="1 held-out examples duplicate training examples exactly"):
+        build_datasets(spec(tmp_path, train, held_path), tokenizer, seed=0)
+    data = build_datasets(spec(tmp_path, train, held_path, max_overlap=0.5), tokenizer, seed=0)
+    assert data.manifest["duplicates_removed"] == {"train": 2, "eval": 0}
+    assert data.manifest["overlap"]["exact"] == 1 and data.manifest["overlap"]["examples"] == [f"{held_path}:4"]
+
+
+def test_near_duplicate_overlap_is_detected(tmp_path, tokenizer):
+    long_q = "what are the common early warning signs of a stroke in an older adult and what should a caregiver do"
+    train = write_jsonl(tmp_path / "train.jsonl", [{"question": "Context: " + long_q + " today", "answer": "Act fast."}] + qa_rows(5))
+    held = write_jsonl(tmp_path / "held.jsonl", [{"question": long_q, "answer": "Call emergency services."}] + qa_rows(3, offset=50))
+    data = build_datasets(spec(tmp_path, train, held, max_overlap=0.5), tokenizer, seed=0)
+    assert data.manifest["overlap"]["near"] == 1 and data.manifest["overlap"]["exact"] == 0
+
+
+def test_manifest_records_sources_hashes_and_drops(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "t.jsonl", qa_rows(6) + [{"question": "no answer here"}])
+    data = build_datasets(spec(tmp_path, path, eval_fraction=0.3), tokenizer, seed=0)
+    source = data.manifest["sources"][0]
+    import hashlib
+
+    assert source["files"] == [{"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "bytes": path.stat().st_size}]
+    dropped = [s["dropped"] for s in data.manifest["sources"]]
+    assert sum(d.get("missing_field", 0) for d in dropped) == 1
+    assert any("no field 'answer'" in e for s in data.manifest["sources"] for e in s["drop_examples"].values())
+    with pytest.raises(RecipeError, match=r"t.jsonl:7: no field 'answer'.*data.strict is on"):
+        build_datasets(spec(tmp_path, path, eval_fraction=0.3, strict=True), tokenizer, seed=0)
+
+
+def test_epoch_order_covers_every_row_and_balances_processes():
+    single = epoch_order(10, 4, seed=3, epoch=0)
+    assert sorted(i for b in single for i in b) == list(range(10)) and [len(b) for b in single] == [4, 4, 2]
+    assert epoch_order(10, 4, seed=3, epoch=1) != single
+    multi = epoch_order(10, 3, seed=3, epoch=0, world_size=2)
+    assert len(multi) % 2 == 0 and all(len(b) == 3 for b in multi)

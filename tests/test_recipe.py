@@ -65,7 +65,7 @@ def test_paths_resolve_against_recipe_folder_and_env(tmp_path, monkeypatch):
     assert "environment variable $MY_DATA is not set" in problems_of(path)[0]
     monkeypatch.setenv("MY_DATA", ".")
     monkeypatch.chdir("/")
-    assert load_recipe(path).data.train == tmp_path / "train.jsonl"
+    assert load_recipe(path).data.train[0].path == str(tmp_path / "train.jsonl")
 
 
 def test_resolved_yaml_round_trips(tmp_path):
@@ -96,4 +96,5 @@ def test_validate_cli_exit_2_without_traceback(tmp_path):
     path.write_text("data:\n  train: missing.jsonl\n")
     for command in ("validate", "train"):
         result = CliRunner().invoke(app, [command, str(path)])
-        assert result.exit_code == 2 and "data.train: file not found" in result.output, result.output
+        assert result.exit_code == 2 and "data.train.0.path: " in result.output, result.output
+        assert "missing.jsonl: no such file or folder" in result.output

@@ -11,7 +11,7 @@ from llamatune.cli import app
 from llamatune.recipe import load_recipe
 from llamatune.train import _summed_loss, train
 
-RUN_FILES = {"recipe.yaml", "adapter", "tokenizer", "metrics.jsonl", "summary.json"}
+RUN_FILES = {"recipe.yaml", "adapter", "tokenizer", "metrics.jsonl", "summary.json", "data_manifest.json"}
 
 
 def test_cli_train_writes_exactly_the_run_directory(tiny_recipe):
@@ -76,7 +76,8 @@ def test_summed_loss_matches_transformers_mean_loss(tiny_model_dir):
     ids = torch.tensor([[5, 17, 42, 99, 7, 3, 8]])
     labels = ids.clone()
     labels[0, :3] = -100
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+             "position_ids": torch.arange(ids.shape[1])[None]}
     summed, n = _summed_loss(model, batch)
     reference = model(input_ids=ids, labels=labels).loss
     assert n == 4
@@ -97,7 +98,7 @@ def test_quantized_base_trains_on_cpu(tiny_recipe, tmp_path, mode, layer):
     ("lora.alpah=3", "lora.alpah (--set): unknown key (did you mean 'alpha'?)"),
     ("train.micro_batch_size=four", "train.micro_batch_size (--set): Input should be a valid integer"),
     ("lora.dropout=1.5", "lora.dropout (--set): Input should be less than 1"),
-    ("data.train=/nonexistent/train.jsonl", "data.train: file not found: /nonexistent/train.jsonl"),
+    ("data.train=/nonexistent/train.jsonl", "data.train.0.path: /nonexistent/train.jsonl: no such file or folder"),
 ])
 def test_cli_recipe_errors_exit_2_with_dotted_path(tiny_recipe, override, expected):
     result = CliRunner().invoke(app, ["train", str(tiny_recipe), "--set", override])
@@ -118,3 +119,14 @@ def test_runtime_problem_is_exit_1_with_message(tiny_recipe, tiny_model_dir, tmp
     result = CliRunner().invoke(app, ["train", str(tiny_recipe), "--set", f"model.path={no_template}"])
     assert result.exit_code == 1, result.output
     assert "has no chat template" in result.output and "Traceback" not in result.output
+
+
+def test_packed_training_evaluates_the_same_and_trains(tiny_recipe, tmp_path):
+    plain = train(load_recipe(tiny_recipe, ["train.max_steps=2"]), "tiny", run_dir=tmp_path / "plain").summary
+    packed = train(load_recipe(tiny_recipe, ["train.max_steps=2", "data.packing=true"]), "tiny", run_dir=tmp_path / "packed").summary
+    assert packed["data"]["train_rows"] < plain["data"]["train_rows"]
+    assert abs(packed["eval_loss_before"] - plain["eval_loss_before"]) < 1e-5  # packing changes speed, not the loss
+    assert packed["eval_loss_after"] < packed["eval_loss_before"]
+    manifest = json.loads((tmp_path / "packed" / "data_manifest.json").read_text())
+    assert [s["split"] for s in manifest["sources"]] == ["train", "eval"]
+    assert all(len(f["sha256"]) == 64 for s in manifest["sources"] for f in s["files"])

@@ -1,4 +1,4 @@
-"""Order examples into micro-batches and pad them into tensors."""
+"""Group examples into rows (packing), order rows into micro-batches, and pad them into tensors."""
 
 from __future__ import annotations
 
@@ -7,9 +7,39 @@ from typing import Sequence
 
 from llamatune.data.encode import IGNORE_INDEX, Example
 
+Row = tuple[Example, ...]  # one sequence of the batch: a single example, or several packed ones
+
+
+def pack(examples: Sequence[Example], max_length: int, seed: int) -> list[Row]:
+    """Packs examples into rows of at most max_length tokens (first-fit decreasing, seeded tie order).
+
+    Examples are never split across rows; attention and positions stay per example (see collate),
+    so packing changes speed, not the loss.
+    """
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    order.sort(key=lambda i: -len(examples[i].input_ids))  # stable: the shuffle decides ties
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = len(examples[i].input_ids)
+        slot = next((r for r, free in enumerate(room) if free >= n), None)
+        if slot is None:
+            rows.append([i])
+            room.append(max_length - n)
+        else:
+            rows[slot].append(i)
+            room[slot] -= n
+    return [tuple(examples[i] for i in row) for row in rows]
+
+
+def unpacked(examples: Sequence[Example]) -> list[Row]:
+    """One example per row."""
+    return [(e,) for e in examples]
+
 
 def epoch_order(n: int, micro_batch_size: int, seed: int, epoch: int, world_size: int = 1) -> list[list[int]]:
-    """Shuffles example indices for one epoch and cuts them into micro-batches.
+    """Shuffles row indices for one epoch and cuts them into micro-batches.
 
     The order depends only on (seed, epoch), so every process computes the same list and a run can
     be replayed. With several processes the permutation wraps around to a multiple of
@@ -17,7 +47,7 @@ def epoch_order(n: int, micro_batch_size: int, seed: int, epoch: int, world_size
     same number of micro-batches and none waits forever in a gradient all-reduce.
 
     Returns:
-        A list of micro-batches, each a list of example indices; process `rank` takes every
+        A list of micro-batches, each a list of row indices; process `rank` takes every
         world_size-th micro-batch starting at `rank`.
     """
     order = list(range(n))
@@ -28,23 +58,44 @@ def epoch_order(n: int, micro_batch_size: int, seed: int, epoch: int, world_size
     return [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
 
 
-def eval_order(examples: Sequence[Example], batch_size: int) -> list[list[int]]:
+def eval_order(rows: Sequence[Row], batch_size: int) -> list[list[int]]:
     """Held-out batches grouped by length: the loss is the same in any order, and less padding is faster."""
-    by_length = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    by_length = sorted(range(len(rows)), key=lambda i: sum(len(e.input_ids) for e in rows[i]))
     return [by_length[i : i + batch_size] for i in range(0, len(by_length), batch_size)]
 
 
-def collate(examples: Sequence[Example], pad_id: int) -> dict:
-    """Right-pads a micro-batch into `input_ids`, `attention_mask`, `labels` tensors of shape [B, T]."""
+def collate(rows: Sequence[Row], pad_id: int) -> dict:
+    """Right-pads rows into tensors of shape [B, T]: input_ids, labels, position_ids, attention_mask.
+
+    Without packing the attention mask is the usual [B, T] padding mask. With packing it is a
+    block-diagonal causal mask [B, 1, T, T] (bool, True = may attend), position ids restart at 0 for
+    every example, and the first token of each packed example gets no label: unpacked, nothing
+    precedes it, so nothing may predict it from the previous example either.
+    """
     import torch
 
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[row, :n] = torch.tensor(e.input_ids)
-        labels[row, :n] = torch.tensor(e.labels)
-        mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    width = max(sum(len(e.input_ids) for e in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    packed = any(len(row) > 1 for row in rows)
+    mask = torch.zeros((len(rows), 1, width, width) if packed else (len(rows), width), dtype=torch.bool if packed else torch.long)
+    causal = torch.ones((width, width), dtype=torch.bool).tril() if packed else None
+    for r, row in enumerate(rows):
+        start = 0
+        for e in row:
+            n = len(e.input_ids)
+            ids[r, start : start + n] = torch.tensor(e.input_ids)
+            labels[r, start : start + n] = torch.tensor(e.labels)
+            if start > 0:
+                labels[r, start] = IGNORE_INDEX
+            positions[r, start : start + n] = torch.arange(n)
+            if packed:
+                mask[r, 0, start : start + n, start : start + n] = causal[:n, :n]
+            else:
+                mask[r, :n] = 1
+            start += n
+        if packed and start < width:
+            # Padding rows attend to themselves only, so softmax never sees an all-masked row (NaN).
+            mask[r, 0, start:, start:] = torch.eye(width - start, dtype=torch.bool)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": positions}

@@ -1,17 +1,25 @@
-"""Render records with the tokenizer's chat template, tokenize, and mask the prompt out of the loss."""
+"""Render conversations with the chat template, tokenize, and label only what the model should learn."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
+from llamatune.data.formats import Turn
 from llamatune.errors import LlamatuneError
 
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy skips targets with this value
 
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+NAMED_TEMPLATES = {"chatml": CHATML}
+
 
 @dataclass(frozen=True)
 class Example:
-    """One tokenized training example: labels are IGNORE_INDEX on prompt tokens."""
+    """One tokenized example: labels are IGNORE_INDEX where nothing is learned (prompts, padding)."""
 
     input_ids: tuple[int, ...]
     labels: tuple[int, ...]
@@ -21,33 +29,86 @@ class Example:
         return sum(1 for t in self.labels if t != IGNORE_INDEX)
 
 
-def encode(tokenizer, prompt: str, response: str, system_prompt: str | None = None) -> Example:
-    """Renders one exchange with the chat template and builds completion-only labels.
+def set_chat_template(tokenizer, choice: str) -> None:
+    """Applies data.chat_template: 'model' keeps the tokenizer's own, a name or Jinja text replaces it.
 
-    The prompt (system + user turn + the assistant header) and the completion (the answer and the
-    template's end-of-turn token) are tokenized separately: that is exactly how the model sees them
-    at inference, where generation starts right after the prompt, and it makes the mask boundary exact
-    even where a tokenizer would merge characters across it.
+    The tokenizer is saved into the run directory afterwards, so inference renders exactly as training did.
+    """
+    if choice != "model":
+        tokenizer.chat_template = NAMED_TEMPLATES.get(choice, choice)
+    if not tokenizer.chat_template:
+        raise LlamatuneError(
+            "the tokenizer has no chat template, so prompts cannot be rendered the way the model will see them at "
+            "inference. Use an instruct/chat model, or set data.chat_template: chatml (or your own Jinja template)."
+        )
+
+
+def encode(tokenizer, prompt: str, response: str, system_prompt: str | None = None) -> Example:
+    """Encodes one prompt → response exchange (see encode_turns)."""
+    turns = ([Turn("system", system_prompt)] if system_prompt else []) + [Turn("user", prompt), Turn("assistant", response)]
+    return encode_turns(tokenizer, turns)
+
+
+def encode_turns(tokenizer, turns: Sequence[Turn]) -> Example:
+    """Renders a conversation with the chat template and labels every assistant turn.
+
+    For each assistant turn, the text up to it rendered with add_generation_prompt=True is what the
+    model sees at inference; the rest of that turn (the answer and the template's end-of-turn token)
+    is trained. Segments are tokenized separately, exactly as at inference, where generation starts
+    right after the prompt, so the mask boundary is exact.
 
     Raises:
-        LlamatuneError: If the template renders the conversation so that it does not start with the
-            rendered prompt (the boundary between prompt and answer would be undefined).
+        LlamatuneError: If the template is not prefix-stable (the rendered prompt is not a prefix of
+            the rendered conversation), so the answer cannot be located for the mask.
     """
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    messages.append({"role": "user", "content": prompt})
-    prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(
-        messages + [{"role": "assistant", "content": response}], tokenize=False
-    )
-    if not full_text.startswith(prompt_text):
-        raise LlamatuneError(
-            "the chat template renders the full conversation differently from the prompt with "
-            "add_generation_prompt=True, so the answer cannot be located for the loss mask. "
-            f"Prompt ends with {prompt_text[-40:]!r}; full text there reads {full_text[len(prompt_text) - 40:len(prompt_text)]!r}."
-        )
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    completion_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
-    return Example(
-        input_ids=tuple(prompt_ids + completion_ids),
-        labels=tuple([IGNORE_INDEX] * len(prompt_ids) + completion_ids),
-    )
+    messages = [{"role": t.role, "content": t.content} for t in turns]
+    ids: list[int] = []
+    labels: list[int] = []
+    done = ""
+    for i, turn in enumerate(turns):
+        if turn.role != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise LlamatuneError(
+                "the chat template renders a conversation differently from its own prompt with add_generation_prompt=True "
+                f"(turn {i}), so the answer cannot be located for the loss mask. Prompt ends with {prompt[-40:]!r}; "
+                f"the conversation reads {full[len(prompt) - 40:len(prompt)]!r} there. Set data.chat_template to a "
+                "prefix-stable template (e.g. chatml)."
+            )
+        context = tokenizer(prompt[len(done):], add_special_tokens=False)["input_ids"]
+        answer = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+        ids += context + answer
+        labels += [IGNORE_INDEX] * len(context) + answer
+        done = full
+    return Example(input_ids=tuple(ids), labels=tuple(labels))
+
+
+def encode_document(tokenizer, text: str, max_length: int, overlap: int) -> list[Example]:
+    """Splits a document into windows of at most max_length tokens; every token is trained once.
+
+    Consecutive windows share `overlap` tokens (at least 1) of context; those are labelled only in the
+    window where they first appear, so no token is lost and none counts twice. The document ends with EOS.
+    """
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id] + ids
+    if tokenizer.eos_token_id is not None:
+        ids = ids + [tokenizer.eos_token_id]
+    windows, start, trained_until = [], 0, 0
+    while True:
+        window = ids[start : start + max_length]
+        labels = [IGNORE_INDEX if start + j < trained_until else t for j, t in enumerate(window)]
+        windows.append(Example(input_ids=tuple(window), labels=tuple(labels)))
+        trained_until = start + len(window)
+        if trained_until >= len(ids):
+            return windows
+        # At least one token of overlap: a window's first token is never a target (nothing precedes
+        # it), so it must be one the previous window already trained.
+        start = trained_until - max(overlap, 1)
+
+
+def end_of_turn_trained(example: Example, tokenizer) -> bool:
+    """True if the tokenizer's EOS (the end-of-turn of chat templates) is among the trained labels."""
+    return tokenizer.eos_token_id in example.labels

@@ -1,0 +1,139 @@
+"""Formats: a record's fields → the turns of a conversation (or a document for `text`).
+
+One function per format, dispatched by a dict. A record that cannot become an example raises Drop
+with a reason; the pipeline counts drops by reason (or fails, in strict mode).
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+from functools import lru_cache
+
+from llamatune.data.fields import MissingField, Template, lookup, parse_template, to_text
+from llamatune.errors import RecipeError
+from llamatune.schema import SourceSpec
+
+_ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+          "bot": "assistant", "model": "assistant"}
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One message. Assistant turns are the trained ones."""
+
+    role: str  # system | user | assistant
+    content: str
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """What a record became: chat turns (or a raw document for format text) and, for
+    classification/multiple choice, the closed set of answers an evaluator may compare against."""
+
+    turns: tuple[Turn, ...] = ()
+    document: str | None = None
+    choices: tuple[str, ...] = ()
+
+
+class Drop(Exception):
+    """This record yields no example, for `reason` (a short key counted in the manifest)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+@lru_cache(maxsize=256)
+def _t(text: str) -> Template:
+    return parse_template(text)
+
+
+def fill(template: str, fields: dict) -> str:
+    """Renders a template over a record; a missing field or an empty result is a Drop."""
+    try:
+        value = _t(template).render(fields)
+    except MissingField as exc:
+        raise Drop("missing_field", f"no field {exc.path!r} (fields here: {', '.join(exc.available[:12])})") from None
+    if not value.strip():
+        raise Drop("empty", f"template {template!r} renders empty")
+    return value
+
+
+def _opening(spec: SourceSpec, fields: dict, system_prompt: str | None) -> list[Turn]:
+    system = fill(spec.system, fields) if spec.system else system_prompt
+    return [Turn("system", system)] if system else []
+
+
+def instruction(spec: SourceSpec, fields: dict, system_prompt: str | None, labels: tuple[str, ...]) -> Rendered:
+    turns = _opening(spec, fields, system_prompt)
+    turns += [Turn("user", fill(spec.prompt, fields)), Turn("assistant", fill(spec.response, fields))]
+    return Rendered(turns=tuple(turns))
+
+
+def classification(spec: SourceSpec, fields: dict, system_prompt: str | None, labels: tuple[str, ...]) -> Rendered:
+    label = fill(spec.answer, fields).strip()
+    if label not in labels:
+        raise Drop("label_not_in_set", f"label {label!r} is not one of {', '.join(labels)}")
+    prompt = f"{fill(spec.prompt, fields)}\n\nAnswer with one of: {', '.join(labels)}."
+    turns = _opening(spec, fields, system_prompt) + [Turn("user", prompt), Turn("assistant", label)]
+    return Rendered(turns=tuple(turns), choices=labels)
+
+
+def multiple_choice(spec: SourceSpec, fields: dict, system_prompt: str | None, labels: tuple[str, ...]) -> Rendered:
+    options = lookup(fields, tuple(spec.options.split(".")))
+    if isinstance(options, dict):
+        letters, texts = [str(k) for k in options], [to_text(v) for v in options.values()]
+    elif isinstance(options, list) and options:
+        letters, texts = list(string.ascii_uppercase[: len(options)]), [to_text(v) for v in options]
+    else:
+        raise Drop("missing_field", f"options {spec.options!r} is not a non-empty list or mapping")
+    answer = fill(spec.answer, fields).strip()
+    if answer not in letters:
+        if answer not in texts:
+            raise Drop("label_not_in_set", f"answer {answer!r} is neither an option letter ({', '.join(letters)}) nor an option text")
+        answer = letters[texts.index(answer)]
+    listed = "\n".join(f"{letter}. {text}" for letter, text in zip(letters, texts))
+    prompt = f"{fill(spec.prompt, fields)}\n\n{listed}\n\nAnswer with the letter of the correct option."
+    turns = _opening(spec, fields, system_prompt) + [Turn("user", prompt), Turn("assistant", answer)]
+    return Rendered(turns=tuple(turns), choices=tuple(letters))
+
+
+def chat(spec: SourceSpec, fields: dict, system_prompt: str | None, labels: tuple[str, ...]) -> Rendered:
+    messages = lookup(fields, tuple(spec.messages.split(".")))
+    if not isinstance(messages, list) or not messages:
+        raise Drop("missing_field", f"no message list at {spec.messages!r}")
+    roles = {**_ROLES, **spec.roles}
+    turns: list[Turn] = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise Drop("bad_message", f"message {i} is {type(message).__name__}, not an object")
+        raw_role = message.get("role", message.get("from"))
+        content = message.get("content", message.get("value"))
+        if raw_role not in roles:
+            # An unknown role is a configuration problem, not a bad record: say how to map it.
+            raise RecipeError([f"chat role {raw_role!r} in message {i} is unknown; map it with roles: {{{raw_role}: user}} "
+                               f"(known: {', '.join(sorted(roles))})"])
+        if not isinstance(content, str) or not content.strip():
+            raise Drop("empty", f"message {i} has no text content")
+        turns.append(Turn(roles[raw_role], content))
+    if turns[0].role != "system":
+        turns = _opening(spec, fields, system_prompt) + turns
+    if not any(t.role == "assistant" for t in turns):
+        raise Drop("no_assistant_turn", "the conversation has no assistant message to train on")
+    while turns[-1].role != "assistant":
+        turns.pop()  # trailing user turns have no answer to learn
+    return Rendered(turns=tuple(turns))
+
+
+def text(spec: SourceSpec, fields: dict, system_prompt: str | None, labels: tuple[str, ...]) -> Rendered:
+    return Rendered(document=fill(spec.text, fields))
+
+
+FORMATS = {
+    "instruction": instruction,
+    "classification": classification,
+    "multiple_choice": multiple_choice,
+    "chat": chat,
+    "text": text,
+}

@@ -1,0 +1,213 @@
+"""The data pipeline, in order: sources → records → split by document → render (format) → dedup →
+overlap check → chat template + tokenize + mask → length policy → pack. Everything counted in a manifest."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+from llamatune.data.batches import Row, pack, unpacked
+from llamatune.data.encode import Example, encode_document, encode_turns, end_of_turn_trained, set_chat_template
+from llamatune.data.formats import FORMATS, Drop, Rendered, fill
+from llamatune.data.leakage import normalized_key, overlap
+from llamatune.data.readers import Record, read_source, sha256_file, source_files
+from llamatune.errors import RecipeError
+from llamatune.schema import DataSpec, SourceSpec
+
+
+@dataclass(frozen=True)
+class Datasets:
+    """Rows ready for batching, the examples behind them, and the manifest that explains them."""
+
+    train: list[Row]
+    eval: list[Row]
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def train_examples(self) -> int:
+        return sum(len(r) for r in self.train)
+
+
+@dataclass
+class _Item:
+    rendered: Rendered
+    origin: str
+    text: str  # what dedup and the overlap check compare
+
+
+def build_datasets(spec: DataSpec, tokenizer, seed: int) -> Datasets:
+    """Builds train and held-out rows from the recipe's data section.
+
+    Raises:
+        RecipeError: For unreadable data (naming file and line), strict-mode drops, a held-out set
+            that overlaps training above data.max_overlap, or an empty split.
+    """
+    if any(s.format != "text" for s in spec.train + (spec.eval or ())):
+        set_chat_template(tokenizer, spec.chat_template)
+    manifest: dict = {"sources": [], "seed": seed}
+
+    train_records = [(s, list(read_source(s))) for s in spec.train]
+    if spec.eval is not None:
+        eval_records = [(s, list(read_source(s))) for s in spec.eval]
+        manifest["split"] = {"held_out": "sources"}
+    else:
+        train_records, eval_records = _split_by_document(train_records, spec.eval_fraction, seed)
+        manifest["split"] = {"held_out": f"{spec.eval_fraction:g} of train documents", "seed": seed}
+
+    train_items = [_render_source(s, recs, spec, "train", manifest) for s, recs in train_records]
+    eval_items = [_render_source(s, recs, spec, "eval", manifest) for s, recs in eval_records]
+    train_flat = _dedup([i for items in train_items for i in items], spec.dedup, manifest, "train")
+    eval_flat = _dedup([i for items in eval_items for i in items], spec.dedup, manifest, "eval")
+    _check_overlap(train_flat, eval_flat, spec.max_overlap, manifest)
+    train_flat = _weighted(train_flat, train_records, train_items, seed)
+
+    train = _encode_all(train_flat, tokenizer, spec, manifest, "train")
+    held_out = _encode_all(eval_flat, tokenizer, spec, manifest, "eval")
+    for name, examples in (("train", train), ("eval", held_out)):
+        if not examples:
+            raise RecipeError([f"data.{name}: no examples left after reading and dropping; see the drop counts above "
+                               "(llamatune data check shows them)"])
+    rows = (lambda ex, s: pack(ex, spec.max_length, s)) if spec.packing else (lambda ex, s: unpacked(ex))
+    train_rows, eval_rows = rows(train, seed), rows(held_out, seed)
+    manifest["totals"] = _totals(train, held_out, train_rows, spec.max_length)
+    return Datasets(train=train_rows, eval=eval_rows, manifest=manifest)
+
+
+def _split_by_document(sources, fraction: float, seed: int):
+    """Holds out a seeded share of documents (not records): exploded questions or windows of one
+    document stay on one side, so the held-out score is not inflated by siblings seen in training."""
+    documents = sorted({r.document for _, recs in sources for r in recs})
+    random.Random(seed).shuffle(documents)
+    held = set(documents[: max(1, round(fraction * len(documents)))])
+    if len(held) == len(documents):
+        raise RecipeError([f"data.eval_fraction: {len(documents)} document(s) in train, nothing would be left to train on; "
+                           "add data or give data.eval"])
+    train = [(s, [r for r in recs if r.document not in held]) for s, recs in sources]
+    held_out = [(s, [r for r in recs if r.document in held]) for s, recs in sources]
+    return train, [(s, recs) for s, recs in held_out if recs]
+
+
+def _render_source(source: SourceSpec, records: list[Record], spec: DataSpec, split: str, manifest: dict) -> list[_Item]:
+    render = FORMATS[source.format]
+    labels = source.labels or _labels_in(source, records)
+    entry = {"split": split, "path": source.path, "reader": source.reader, "format": source.format,
+             "files": [{"path": str(f), "sha256": sha256_file(f), "bytes": f.stat().st_size} for f in source_files(source)],
+             "records": len(records), "dropped": {}, "drop_examples": {}}
+    items: list[_Item] = []
+    for record in records:
+        try:
+            rendered = render(source, record.fields, spec.system_prompt, labels)
+        except Drop as drop:
+            if spec.strict:
+                raise RecipeError([f"{record.origin}: {drop.detail} (data.strict is on; turn it off to drop and count)"]) from None
+            entry["dropped"][drop.reason] = entry["dropped"].get(drop.reason, 0) + 1
+            entry["drop_examples"].setdefault(drop.reason, f"{record.origin}: {drop.detail}")
+            continue
+        text = rendered.document if rendered.document is not None else "\n".join(t.content for t in rendered.turns)
+        items.append(_Item(rendered=rendered, origin=record.origin, text=text))
+    if labels:
+        entry["labels"] = list(labels)
+    entry["examples"] = len(items)
+    manifest["sources"].append(entry)
+    return items
+
+
+def _labels_in(source: SourceSpec, records: list[Record]) -> tuple[str, ...]:
+    if source.format != "classification":
+        return ()
+    found = set()
+    for record in records:
+        try:
+            found.add(fill(source.answer, record.fields).strip())
+        except Drop:
+            pass
+    return tuple(sorted(found))
+
+
+def _dedup(items: list[_Item], enabled: bool, manifest: dict, split: str) -> list[_Item]:
+    if not enabled:
+        return items
+    seen: set[str] = set()
+    kept = []
+    for item in items:
+        key = normalized_key(item.text)
+        if key not in seen:
+            seen.add(key)
+            kept.append(item)
+    manifest.setdefault("duplicates_removed", {})[split] = len(items) - len(kept)
+    return kept
+
+
+def _check_overlap(train: list[_Item], held_out: list[_Item], limit: float, manifest: dict) -> None:
+    found = overlap([i.text for i in train], [i.text for i in held_out])
+    share = (found["exact"] + found["near"]) / max(len(held_out), 1)
+    manifest["overlap"] = {"exact": found["exact"], "near": found["near"], "share": round(share, 4),
+                           "examples": [held_out[j].origin for j in found["examples"]]}
+    if share > limit:
+        raise RecipeError([
+            f"data: {found['exact']} held-out examples duplicate training examples exactly and {found['near']} nearly "
+            f"({share:.1%} of {len(held_out)}, above data.max_overlap={limit:g}); e.g. "
+            f"{', '.join(manifest['overlap']['examples'][:3])}. Deduplicate the sources, or raise data.max_overlap"
+        ])
+
+
+def _weighted(items: list[_Item], sources, per_source: list[list[_Item]], seed: int) -> list[_Item]:
+    """Repeats (weight > 1) or subsamples (weight < 1, seeded) each source's surviving items."""
+    if all(s.weight == 1.0 for s, _ in sources):
+        return items
+    surviving = {id(i) for i in items}
+    out: list[_Item] = []
+    rng = random.Random(f"weight-{seed}")
+    for (source, _), source_items in zip(sources, per_source):
+        mine = [i for i in source_items if id(i) in surviving]
+        whole, frac = int(source.weight), source.weight - int(source.weight)
+        out += mine * whole + rng.sample(mine, round(frac * len(mine)))
+    return out
+
+
+def _encode_all(items: list[_Item], tokenizer, spec: DataSpec, manifest: dict, split: str) -> list[Example]:
+    examples: list[Example] = []
+    dropped: Counter = Counter()
+    missing_eot = 0
+    for item in items:
+        if item.rendered.document is not None:
+            examples += encode_document(tokenizer, item.rendered.document, spec.max_length, spec.text_overlap)
+            continue
+        example = encode_turns(tokenizer, item.rendered.turns)
+        if len(example.input_ids) > spec.max_length:
+            if spec.length_policy == "error":
+                raise RecipeError([f"{item.origin}: {len(example.input_ids)} tokens, over data.max_length={spec.max_length} "
+                                   "(data.length_policy: error); raise max_length or choose drop/truncate"])
+            if spec.length_policy == "drop":
+                dropped["too_long"] += 1
+                continue
+            example = Example(example.input_ids[: spec.max_length], example.labels[: spec.max_length])
+            if example.n_label_tokens == 0:  # the prompt alone fills max_length: nothing left to learn
+                dropped["too_long"] += 1
+                continue
+            dropped["truncated"] += 1  # kept, but counted: its answer may have lost its end
+        if example.n_label_tokens == 0:
+            dropped["no_trained_tokens"] += 1
+            continue
+        if not end_of_turn_trained(example, tokenizer):
+            missing_eot += 1  # kept, but a model that never learns to stop is worth a warning
+        examples.append(example)
+    manifest.setdefault("length", {})[split] = dict(dropped)
+    if missing_eot:
+        manifest.setdefault("warnings", []).append(f"{split}: {missing_eot} examples do not train the end-of-turn token "
+                                                   f"{tokenizer.eos_token!r}; the model may not learn to stop")
+    return examples
+
+
+def _totals(train: list[Example], held_out: list[Example], rows: list[Row], max_length: int) -> dict:
+    tokens = sum(len(e.input_ids) for e in train)
+    return {
+        "train_examples": len(train),
+        "eval_examples": len(held_out),
+        "train_tokens": tokens,
+        "train_label_tokens": sum(e.n_label_tokens for e in train),
+        "train_rows": len(rows),
+        # share of the padded batch area that holds real tokens when rows are padded to max_length
+        "packing_efficiency": round(tokens / (len(rows) * max_length), 4) if rows else 0.0,
+    }

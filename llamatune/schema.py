@@ -1,0 +1,208 @@
+"""The recipe schema: every key, its type, default and meaning, as frozen pydantic models.
+
+The field descriptions are the reference documentation (`llamatune schema` prints them). Unknown
+keys are errors (extra="forbid"); loading, line numbers and did-you-mean live in recipe.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from llamatune.data.fields import parse_template
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+class _Spec(BaseModel):
+    # Frozen so a recipe cannot drift after validation; extra="forbid" so typos are errors.
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class ModelSpec(_Spec):
+    """Which base model to fine-tune."""
+
+    path: str = Field(
+        "smollm2-135m-instruct",
+        description="Base model: a builtin alias (`llamatune models list`), a local Hugging Face "
+        "folder, a local .gguf file, or a hub id such as 'org/name' (needs a network once).",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit); hub ids only.")
+    dtype: Dtype = Field(
+        "float32",
+        description="Dtype of the frozen base weights. float32 is exact and the fastest on most CPUs; "
+        "bfloat16 halves memory on GPUs that support it.",
+    )
+
+
+class LoraSpec(_Spec):
+    """The LoRA adapter (peft)."""
+
+    r: int = Field(16, ge=1, le=1024, description="Adapter rank. Higher = more capacity and memory.")
+    alpha: float = Field(32, gt=0, description="Scaling numerator: updates are scaled by alpha/r (alpha/sqrt(r) with rslora).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input during training.")
+    target_modules: Union[Literal["all-linear"], tuple[str, ...]] = Field(
+        "all-linear",
+        description="'all-linear' (every linear layer except the output head) or a list of module "
+        "names such as [q_proj, k_proj, v_proj, o_proj].",
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r); helps at high rank.")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA): often better quality, ~2x slower.")
+
+    @model_validator(mode="after")
+    def _non_empty_targets(self) -> "LoraSpec":
+        if isinstance(self.target_modules, tuple) and not self.target_modules:
+            raise ValueError("target_modules is an empty list; use 'all-linear' or name at least one module")
+        return self
+
+
+class QuantizationSpec(_Spec):
+    """Quantize the frozen base (QLoRA). The adapter itself always trains in full precision."""
+
+    mode: Literal["none", "nf4", "int8"] = Field(
+        "none", description="none | nf4 (4-bit NormalFloat, QLoRA) | int8 (LLM.int8). Needs bitsandbytes."
+    )
+    double_quant: bool = Field(True, description="nf4 only: also quantize the quantization constants (~0.4 bit/param saved).")
+    compute_dtype: Dtype = Field("float32", description="nf4 only: dtype the 4-bit weights are dequantized to for matmuls.")
+
+
+Reader = Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "text", "xml", "hub"]
+Format = Literal["instruction", "chat", "text", "multiple_choice", "classification"]
+
+
+class SourceSpec(_Spec):
+    """One data source and how its records become examples. Templates use `{field.path}` (see data/fields.py)."""
+
+    path: str = Field(description="File, folder (all data files inside, sorted), glob ('*.tsv'), or with reader: hub a "
+                      "dataset id / local dataset folder. Relative paths resolve against data.root, else the recipe's folder.")
+    reader: Reader = Field("auto", description="How to read the files; auto picks by extension (.jsonl .json .csv .tsv "
+                           ".parquet .txt .md .xml). hub uses datasets.load_dataset.")
+    format: Format = Field("instruction", description="instruction (prompt -> response) | chat (messages, every assistant "
+                           "turn trained) | text (raw documents, all tokens trained) | multiple_choice | classification.")
+    records: str | None = Field(None, description="json/xml: dotted path to the list of records inside each file "
+                                "(e.g. 'data'); a JSON mapping id -> record is read as records with an `id` field.")
+    explode: str | None = Field(None, description="Field path holding a list: one record per element, the element "
+                                "replacing the list (e.g. 'questions' then {questions.question}).")
+    prompt: str = Field("{prompt}", description="instruction / multiple_choice / classification: template of the user turn.")
+    response: str = Field("{response}", description="instruction: template of the answer.")
+    system: str | None = Field(None, description="Template of a per-record system message (overrides data.system_prompt).")
+    messages: str = Field("messages", description="chat: field path of the message list (OpenAI role/content or ShareGPT from/value).")
+    roles: dict[str, str] = Field(default_factory=dict, description="chat: extra role names mapped to system | user | "
+                                  "assistant (human, gpt, bot and model are already known).")
+    text: str = Field("{text}", description="text: template of the document.")
+    options: str = Field("options", description="multiple_choice: field path of the options (a list, or a mapping letter -> text).")
+    answer: str = Field("{answer}", description="multiple_choice: the correct letter or option text; classification: the label.")
+    labels: tuple[str, ...] | None = Field(None, description="classification: the allowed labels (default: those found in the data).")
+    encoding: str = Field("utf-8", description="Text encoding of the files.")
+    split: str = Field("train", description="reader: hub only: which split to load.")
+    max_records: int | None = Field(None, ge=1, description="Use at most this many records (the first ones, after explode).")
+    weight: float = Field(1.0, gt=0, le=100, description="Repeat factor: 2 doubles this source in training, 0.5 keeps a seeded half.")
+
+    @field_validator("prompt", "response", "system", "text", "answer")
+    @classmethod
+    def _template_parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_template(value)  # ValueError becomes a recipe error at this key
+        return value
+
+    @field_validator("roles")
+    @classmethod
+    def _roles_known(cls, value: dict[str, str]) -> dict[str, str]:
+        bad = {k: v for k, v in value.items() if v not in ("system", "user", "assistant")}
+        if bad:
+            raise ValueError(f"roles must map to system, user or assistant; got {bad}")
+        return value
+
+
+def _as_sources(value: Any) -> Any:
+    # Shorthands: a path string, or one mapping, stand for a one-source list.
+    if isinstance(value, (str, Path)):
+        return [{"path": str(value)}]
+    if isinstance(value, dict):
+        return [value]
+    return value
+
+
+class DataSpec(_Spec):
+    """Where examples come from and how they are prepared."""
+
+    root: Path | None = Field(None, description="Folder that relative source paths resolve against; keeps data outside "
+                              "the recipe, e.g. --set data.root=/data/corpora.")
+    train: tuple[SourceSpec, ...] = Field(description="Training sources: a path, one source, or a list of sources.")
+    eval: tuple[SourceSpec, ...] | None = Field(None, description="Held-out sources. If omitted, eval_fraction of train is held out.")
+    eval_fraction: float | None = Field(
+        None, gt=0, lt=1, description="Share of train documents held out when `eval` is not given (then defaults to 0.1). "
+        "Split by source record, so windows or exploded questions of one document never straddle the split."
+    )
+    system_prompt: str | None = Field(None, description="System message put before every example (unless a source sets `system`).")
+    chat_template: str = Field("model", description="'model' (the tokenizer's own), 'chatml', or a custom Jinja chat template.")
+    max_length: int = Field(512, ge=16, description="Max tokens per example (and per packed row).")
+    length_policy: Literal["drop", "truncate", "error"] = Field(
+        "drop", description="Examples over max_length: drop (counted), truncate (keeps the start; the answer may lose its "
+        "end-of-turn token), or error."
+    )
+    text_overlap: int = Field(0, ge=0, description="format text: tokens shared by consecutive windows of a long document.")
+    packing: bool = Field(False, description="Pack several examples into each row (no attention across examples).")
+    dedup: bool = Field(True, description="Drop exact duplicate training examples (normalized text), counted.")
+    max_overlap: float = Field(0.05, ge=0, le=1, description="Fail if more than this share of held-out examples "
+                               "duplicate a training example (exact or near); below it, warn.")
+    strict: bool = Field(False, description="Fail instead of dropping records (missing fields, unknown labels, empty text).")
+
+    _coerce_train = field_validator("train", mode="before")(classmethod(lambda cls, v: _as_sources(v)))
+    _coerce_eval = field_validator("eval", mode="before")(classmethod(lambda cls, v: _as_sources(v)))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_fraction(cls, raw: Any) -> Any:
+        # The 0.1 default applies only without a held-out source, so the resolved recipe never
+        # carries both (and reloads cleanly).
+        if isinstance(raw, dict) and raw.get("eval") is None and raw.get("eval_fraction") is None:
+            return {**raw, "eval_fraction": 0.1}
+        return raw
+
+    @model_validator(mode="after")
+    def _eval_or_fraction(self) -> "DataSpec":
+        if self.eval is not None and self.eval_fraction is not None:
+            raise ValueError("set either `eval` (held-out sources) or `eval_fraction` (split train), not both")
+        if self.text_overlap >= self.max_length:
+            raise ValueError(f"text_overlap ({self.text_overlap}) must be smaller than max_length ({self.max_length})")
+        return self
+
+
+class TrainSpec(_Spec):
+    """The optimisation loop."""
+
+    seed: int = Field(42, description="Seeds data order, the held-out split, adapter init and dropout.")
+    epochs: int = Field(1, ge=1, description="Passes over the training set (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    micro_batch_size: int = Field(4, ge=1, description="Examples per forward pass per process.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (effective batch = micro x accum x processes).")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps with linear warmup before the cosine decay.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm; null disables clipping.")
+    eval_every: int | None = Field(None, ge=1, description="Also evaluate held-out loss every N steps (always before and after).")
+    log_every: int = Field(1, ge=1, description="Write a metrics line every N steps.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast for the forward pass (GPU).")
+
+
+class OutputSpec(_Spec):
+    """Where the run directory goes."""
+
+    dir: Path = Field(Path("runs"), description="Parent folder of run directories. Relative to the current directory.")
+    name: str | None = Field(None, description="Run name; default '<recipe name>-<timestamp>'. An existing non-empty run is never overwritten.")
+
+
+class Recipe(_Spec):
+    """A complete fine-tuning recipe."""
+
+    model: ModelSpec = ModelSpec()
+    lora: LoraSpec = LoraSpec()
+    quantization: QuantizationSpec = QuantizationSpec()
+    data: DataSpec
+    train: TrainSpec = TrainSpec()
+    output: OutputSpec = OutputSpec()
+
+
