@@ -23,6 +23,8 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="Builtin models: list them, or fetch one into the cache ahead of time.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+data_app = typer.Typer(help="Inspect what the data pipeline makes of a recipe's data, before training.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 
 out = Console(soft_wrap=True)  # never hard-wrap: paths and keys must stay copy-pasteable
 err = Console(stderr=True, soft_wrap=True)
@@ -137,6 +139,40 @@ def schema() -> None:
 
     for key, type_name, default, description in describe_keys():
         out.print(f"[bold]{key}[/]  [dim]{escape(f'{type_name} = {default}')}[/]\n    {escape(description)}", highlight=False)
+
+
+@data_app.command("check")
+def data_check(recipe: Path = RecipeArg, overrides: Optional[List[str]] = SetOpt) -> None:
+    """Read, render and tokenize RECIPE's data; report counts, drops by reason, duplicates and overlap."""
+
+    def body() -> None:
+        parsed, _ = _load_checked(recipe, overrides)
+        _quiet_libraries()
+        from llamatune import datareport
+
+        data, _ = datareport.load(parsed, say=out.print)
+        datareport.report(data, out)
+
+    _run(body)
+
+
+@data_app.command("preview")
+def data_preview(
+    recipe: Path = RecipeArg,
+    overrides: Optional[List[str]] = SetOpt,
+    n: int = typer.Option(3, "-n", min=1, help="How many training examples to show."),
+) -> None:
+    """Show rendered training examples with the trained tokens highlighted, and length statistics."""
+
+    def body() -> None:
+        parsed, _ = _load_checked(recipe, overrides)
+        _quiet_libraries()
+        from llamatune import datareport
+
+        data, tokenizer = datareport.load(parsed, say=out.print)
+        datareport.preview(data, tokenizer, n, out)
+
+    _run(body)
 
 
 @models_app.command("list")

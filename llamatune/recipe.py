@@ -67,7 +67,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 
     problems: list[str] = []
     from_cli: set[tuple] = set()
-    _normalize_sources(raw)
+    lines = _normalize_sources(raw, lines)
     for item in overrides:
         key = _apply_override(raw, item, problems)
         if key:
@@ -137,6 +137,8 @@ def _describe(err: dict, lines: dict[tuple, int | str]) -> str:
     given = err.get("input")
     shown = f" (got {given!r})" if not isinstance(given, dict) else ""
     msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "string_type" and isinstance(given, bool):
+        shown += "; YAML reads yes/no/on/off/true/false as booleans: quote it, e.g. \"yes\""
     return f"{where}: {msg}{shown}"
 
 
@@ -175,6 +177,10 @@ def _key_lines(text: str) -> dict[tuple, int | str]:
                 here = prefix + (str(key.value),)
                 out[here] = key.start_mark.line + 1
                 walk(value, here)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):  # list items by index, as pydantic reports them
+                out[prefix + (str(i),)] = item.start_mark.line + 1
+                walk(item, prefix + (str(i),))
 
     walk(yaml.compose(text), ())
     return out
@@ -268,13 +274,20 @@ def _apply_override(raw: dict, item: str, problems: list[str]) -> tuple[str, ...
     return tuple(parts)
 
 
-def _normalize_sources(raw: dict) -> None:
-    """Turns the shorthands `train: path` and `train: {path: ...}` into lists, so that overrides can
-    address every source the same way (data.train.0.path)."""
+def _normalize_sources(raw: dict, lines: dict[tuple, int | str]) -> dict[tuple, int | str]:
+    """Turns the shorthands `train: path` and `train: {path: ...}` into one-item lists, so overrides
+    and error messages address every source the same way (data.train.0.path).
+
+    Returns:
+        The key → line map with the shorthand's keys moved under index 0.
+    """
     data = raw.get("data")
     for split in ("train", "eval"):
         if isinstance(data, dict) and isinstance(data.get(split), (str, dict)):
             data[split] = [data[split]]
+            head = ("data", split)
+            lines = {(head + ("0",) + k[2:] if k[:2] == head and len(k) > 2 else k): v for k, v in lines.items()}
+    return lines
 
 
 def _copy(obj: Any) -> Any:

@@ -49,3 +49,20 @@ def test_schema_lists_every_key_with_its_description():
     for key in keys:
         assert key in output
     assert "[q_proj, k_proj, v_proj, o_proj]" in output
+
+
+def test_data_check_fails_with_the_overlap_count(tiny_recipe):
+    # held-out = the training file: every held-out example is a duplicate
+    result = CliRunner().invoke(app, ["data", "check", str(tiny_recipe), "--set", "data.eval.0.path=" + str(tiny_recipe.parent / "train.jsonl")])
+    assert result.exit_code == 2, result.output
+    assert "24 held-out examples duplicate training examples exactly" in result.output
+    ok = CliRunner().invoke(app, ["data", "check", str(tiny_recipe)])
+    assert ok.exit_code == 0 and "held-out overlap with train: 0 exact, 0 near" in ok.output
+    assert "24 records → 24 examples; dropped: none" in ok.output
+
+
+def test_data_preview_shows_examples_and_lengths(tiny_recipe):
+    result = CliRunner().invoke(app, ["data", "preview", str(tiny_recipe), "-n", "2"])
+    assert result.exit_code == 0, result.output
+    assert "example 1 of 24" in result.output and "example 2 of 24" in result.output and "example 3" not in result.output
+    assert "tokens per example: min" in result.output and "<|im_start|>assistant" in result.output

@@ -130,3 +130,22 @@ def test_epoch_order_covers_every_row_and_balances_processes():
     assert epoch_order(10, 4, seed=3, epoch=1) != single
     multi = epoch_order(10, 3, seed=3, epoch=0, world_size=2)
     assert len(multi) % 2 == 0 and all(len(b) == 3 for b in multi)
+
+
+def test_duplicates_are_removed_before_the_held_out_split(tmp_path, tokenizer):
+    """Regression (LegalBench overruling has 890 repeated rows): copies of one record must not land
+    on both sides of a fraction split and then fail the overlap check."""
+    rows = qa_rows(20)
+    path = write_jsonl(tmp_path / "t.jsonl", rows + rows + rows)
+    data = build_datasets(spec(tmp_path, path, eval_fraction=0.25), tokenizer, seed=0)
+    assert data.manifest["duplicates_removed"]["train"] == 40 and data.manifest["overlap"]["exact"] == 0
+    assert (data.manifest["totals"]["train_examples"], data.manifest["totals"]["eval_examples"]) == (15, 5)
+
+
+def test_source_weights_repeat_and_subsample(tmp_path, tokenizer):
+    a = write_jsonl(tmp_path / "a.jsonl", qa_rows(10))
+    b = write_jsonl(tmp_path / "b.jsonl", qa_rows(10, offset=50))
+    held = write_jsonl(tmp_path / "h.jsonl", qa_rows(2, offset=200))
+    data_spec = DataSpec(train=[{"path": str(a), "weight": 2, **QA}, {"path": str(b), "weight": 0.5, **QA}],
+                         eval=[{"path": str(held), **QA}])
+    assert build_datasets(data_spec, tokenizer, seed=0).manifest["totals"]["train_examples"] == 25

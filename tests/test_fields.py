@@ -22,6 +22,13 @@ def test_nested_paths_indexes_and_joins():
     assert t.fields == ["QUESTION", "CONTEXTS", "questions.0.question", "questions.0.answer", "n", "flag"]
 
 
+def test_name_over_a_list_maps_over_its_items():
+    record = {"paragraphs": [{"text": "One."}, {"order": 2}, {"text": "Three."}]}
+    assert parse_template("{paragraphs.text| }").render(record) == "One. Three."
+    with pytest.raises(MissingField):
+        parse_template("{paragraphs.nothing}").render(record)
+
+
 def test_tables_render_row_per_line():
     assert parse_template("{table.table}").render(RECORD) == " | 2019 | 2018\nRevenue | 1,452.4 | 1,146.2"
 

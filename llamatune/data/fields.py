@@ -2,7 +2,8 @@
 configuration alone (no code, no eval, no imports from YAML).
 
     {question}              a top-level field
-    {context.contexts}      a nested path; list items and dict keys by name or index (rows.0)
+    {context.contexts}      a nested path; dict keys by name, list items by index (rows.0)
+    {paragraphs.text}       a name over a list of objects maps over it (every paragraph's text)
     {labels?}               optional: renders as "" when missing or null
     {contexts|\\n\\n}         lists are joined with the separator after `|` (default: newline);
                             a list of lists (a table) renders one row per line, cells joined by " | "
@@ -103,13 +104,21 @@ def _slot(inner: str, text: str) -> _Slot:
 
 
 def lookup(record: Any, path: tuple[str, ...]) -> Any:
-    """Follows a dotted path through dicts (by key) and lists (by index); None when absent."""
+    """Follows a dotted path through dicts (by key) and lists (by index); None when absent.
+
+    A name applied to a list of objects maps over it: `paragraphs.text` is the list of every
+    paragraph's text (items without it are skipped).
+    """
     value = record
-    for key in path:
+    for n, key in enumerate(path):
         if isinstance(value, dict):
             value = value.get(key)
-        elif isinstance(value, list) and key.lstrip("-").isdigit() and -len(value) <= int(key) < len(value):
-            value = value[int(key)]
+        elif isinstance(value, list) and key.lstrip("-").isdigit():
+            value = value[int(key)] if -len(value) <= int(key) < len(value) else None
+        elif isinstance(value, list):
+            found = [lookup(item, path[n:]) for item in value if isinstance(item, dict)]
+            found = [f for f in found if f is not None]
+            return found or None
         else:
             return None
     return value

@@ -34,10 +34,15 @@ class _Item:
     rendered: Rendered
     origin: str
     text: str  # what dedup and the overlap check compare
+    document: str  # the held-out split keeps a document's items together
+    source: int  # index of its source in data.train / data.eval
 
 
 def build_datasets(spec: DataSpec, tokenizer, seed: int) -> Datasets:
     """Builds train and held-out rows from the recipe's data section.
+
+    Order matters: duplicates are removed from the whole training pool before a held-out share is
+    split off (else copies of one record would land on both sides), and the split is by document.
 
     Raises:
         RecipeError: For unreadable data (naming file and line), strict-mode drops, a held-out set
@@ -47,23 +52,23 @@ def build_datasets(spec: DataSpec, tokenizer, seed: int) -> Datasets:
         set_chat_template(tokenizer, spec.chat_template)
     manifest: dict = {"sources": [], "seed": seed}
 
-    train_records = [(s, list(read_source(s))) for s in spec.train]
+    train_items = [item for k, source in enumerate(spec.train)
+                   for item in _render_source(k, source, spec, "train", manifest)]
+    train_items = _dedup(train_items, spec.dedup, manifest, "train")
     if spec.eval is not None:
-        eval_records = [(s, list(read_source(s))) for s in spec.eval]
-        manifest["split"] = {"held_out": "sources"}
+        eval_items = [item for k, source in enumerate(spec.eval)
+                      for item in _render_source(k, source, spec, "eval", manifest)]
+        manifest["split"] = {"held_out": "eval sources"}
     else:
-        train_records, eval_records = _split_by_document(train_records, spec.eval_fraction, seed)
-        manifest["split"] = {"held_out": f"{spec.eval_fraction:g} of train documents", "seed": seed}
+        train_items, eval_items = _split_by_document(train_items, spec.eval_fraction, seed)
+        manifest["split"] = {"held_out": f"{spec.eval_fraction:g} of train documents", "seed": seed,
+                             "train_items": len(train_items), "held_out_items": len(eval_items)}
+    eval_items = _dedup(eval_items, spec.dedup, manifest, "eval")
+    _check_overlap(train_items, eval_items, spec.max_overlap, manifest)
+    train_items = _weighted(train_items, spec.train, seed)
 
-    train_items = [_render_source(s, recs, spec, "train", manifest) for s, recs in train_records]
-    eval_items = [_render_source(s, recs, spec, "eval", manifest) for s, recs in eval_records]
-    train_flat = _dedup([i for items in train_items for i in items], spec.dedup, manifest, "train")
-    eval_flat = _dedup([i for items in eval_items for i in items], spec.dedup, manifest, "eval")
-    _check_overlap(train_flat, eval_flat, spec.max_overlap, manifest)
-    train_flat = _weighted(train_flat, train_records, train_items, seed)
-
-    train = _encode_all(train_flat, tokenizer, spec, manifest, "train")
-    held_out = _encode_all(eval_flat, tokenizer, spec, manifest, "eval")
+    train = _encode_all(train_items, tokenizer, spec, manifest, "train")
+    held_out = _encode_all(eval_items, tokenizer, spec, manifest, "eval")
     for name, examples in (("train", train), ("eval", held_out)):
         if not examples:
             raise RecipeError([f"data.{name}: no examples left after reading and dropping; see the drop counts above "
@@ -74,21 +79,20 @@ def build_datasets(spec: DataSpec, tokenizer, seed: int) -> Datasets:
     return Datasets(train=train_rows, eval=eval_rows, manifest=manifest)
 
 
-def _split_by_document(sources, fraction: float, seed: int):
-    """Holds out a seeded share of documents (not records): exploded questions or windows of one
+def _split_by_document(items: list[_Item], fraction: float, seed: int) -> tuple[list[_Item], list[_Item]]:
+    """Holds out a seeded share of documents (not examples): exploded questions or windows of one
     document stay on one side, so the held-out score is not inflated by siblings seen in training."""
-    documents = sorted({r.document for _, recs in sources for r in recs})
+    documents = sorted({i.document for i in items})
     random.Random(seed).shuffle(documents)
     held = set(documents[: max(1, round(fraction * len(documents)))])
     if len(held) == len(documents):
         raise RecipeError([f"data.eval_fraction: {len(documents)} document(s) in train, nothing would be left to train on; "
                            "add data or give data.eval"])
-    train = [(s, [r for r in recs if r.document not in held]) for s, recs in sources]
-    held_out = [(s, [r for r in recs if r.document in held]) for s, recs in sources]
-    return train, [(s, recs) for s, recs in held_out if recs]
+    return [i for i in items if i.document not in held], [i for i in items if i.document in held]
 
 
-def _render_source(source: SourceSpec, records: list[Record], spec: DataSpec, split: str, manifest: dict) -> list[_Item]:
+def _render_source(index: int, source: SourceSpec, spec: DataSpec, split: str, manifest: dict) -> list[_Item]:
+    records = list(read_source(source))
     render = FORMATS[source.format]
     labels = source.labels or _labels_in(source, records)
     entry = {"split": split, "path": source.path, "reader": source.reader, "format": source.format,
@@ -105,7 +109,7 @@ def _render_source(source: SourceSpec, records: list[Record], spec: DataSpec, sp
             entry["drop_examples"].setdefault(drop.reason, f"{record.origin}: {drop.detail}")
             continue
         text = rendered.document if rendered.document is not None else "\n".join(t.content for t in rendered.turns)
-        items.append(_Item(rendered=rendered, origin=record.origin, text=text))
+        items.append(_Item(rendered=rendered, origin=record.origin, text=text, document=record.document, source=index))
     if labels:
         entry["labels"] = list(labels)
     entry["examples"] = len(items)
@@ -152,15 +156,14 @@ def _check_overlap(train: list[_Item], held_out: list[_Item], limit: float, mani
         ])
 
 
-def _weighted(items: list[_Item], sources, per_source: list[list[_Item]], seed: int) -> list[_Item]:
-    """Repeats (weight > 1) or subsamples (weight < 1, seeded) each source's surviving items."""
-    if all(s.weight == 1.0 for s, _ in sources):
+def _weighted(items: list[_Item], sources: tuple[SourceSpec, ...], seed: int) -> list[_Item]:
+    """Repeats (weight > 1) or subsamples (weight < 1, seeded) each source's items."""
+    if all(s.weight == 1.0 for s in sources):
         return items
-    surviving = {id(i) for i in items}
     out: list[_Item] = []
     rng = random.Random(f"weight-{seed}")
-    for (source, _), source_items in zip(sources, per_source):
-        mine = [i for i in source_items if id(i) in surviving]
+    for k, source in enumerate(sources):
+        mine = [i for i in items if i.source == k]
         whole, frac = int(source.weight), source.weight - int(source.weight)
         out += mine * whole + rng.sample(mine, round(frac * len(mine)))
     return out

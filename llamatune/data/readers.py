@@ -94,6 +94,11 @@ def _explode(record: Record, field: str | None) -> Iterator[Record]:
         return
     keys = tuple(field.split("."))
     items = lookup(record.fields, keys)
+    if items is None:
+        yield record  # nothing to explode: its templates will name the missing field, and it is counted
+        return
+    if isinstance(items, dict):
+        items = [items]  # XML: an element that occurs once is not a list
     if not isinstance(items, list):
         raise RecipeError([f"{record.origin}: explode: {field!r} is {type(items).__name__}, not a list"])
     for i, item in enumerate(items):
