@@ -144,7 +144,8 @@ class DataSpec(_Spec):
         "end-of-turn token), or error."
     )
     text_overlap: int = Field(0, ge=0, description="format text: tokens shared by consecutive windows of a long document.")
-    packing: bool = Field(False, description="Pack several examples into each row (no attention across examples).")
+    packing: bool = Field(True, description="Pack several examples into each row of max_length tokens (block-diagonal "
+                          "attention, positions restart per example: the loss is unchanged, padding is gone).")
     dedup: bool = Field(True, description="Drop exact duplicate training examples (normalized text), counted.")
     max_overlap: float = Field(0.05, ge=0, le=1, description="Fail if more than this share of held-out examples "
                                "duplicate a training example (exact or near); below it, warn.")

@@ -21,6 +21,7 @@ def tokenizer(tiny_model_dir):
 
 
 def spec(tmp_path, train, eval=None, **kw) -> DataSpec:
+    kw.setdefault("packing", False)  # these tests look at one example per row
     return DataSpec(train=[{"path": str(train), **QA}], eval=[{"path": str(eval), **QA}] if eval else None, **kw)
 
 
@@ -66,7 +67,7 @@ def test_held_out_fraction_splits_by_document(tmp_path, tokenizer):
     path = tmp_path / "docs.json"
     path.write_text(json.dumps(docs))
     source = {"path": str(path), "explode": "questions", "prompt": "{questions.q}", "response": "{questions.a}"}
-    data_spec = DataSpec(train=[source], eval_fraction=0.2)
+    data_spec = DataSpec(train=[source], eval_fraction=0.2, packing=False)
     a, b = build_datasets(data_spec, tokenizer, seed=1), build_datasets(data_spec, tokenizer, seed=1)
     assert (a.manifest["totals"]["train_examples"], a.manifest["totals"]["eval_examples"]) == (24, 6)
     assert a.eval == b.eval  # seeded
@@ -108,6 +109,7 @@ def test_near_duplicate_overlap_is_detected(tmp_path, tokenizer):
     held = write_jsonl(tmp_path / "held.jsonl", [{"question": long_q, "answer": "Call emergency services."}] + qa_rows(3, offset=50))
     data = build_datasets(spec(tmp_path, train, held, max_overlap=0.5), tokenizer, seed=0)
     assert data.manifest["overlap"]["near"] == 1 and data.manifest["overlap"]["exact"] == 0
+    assert "1 held-out examples (25.0%) duplicate training examples (exact 0, near 1)" in data.manifest["warnings"][0]
 
 
 def test_manifest_records_sources_hashes_and_drops(tmp_path, tokenizer):

@@ -78,6 +78,7 @@ def test_classification_keeps_label_set_and_drops_unknown_labels(tmp_path, token
     data = build_datasets(DataSpec(train=[source], eval=[source], max_overlap=1.0), tokenizer, seed=0)
     entry = data.manifest["sources"][0]
     assert entry["labels"] == ["Yes", "No"] and entry["dropped"] == {"label_not_in_set": 1} and entry["examples"] == 8
+    assert all(e.choices == ("Yes", "No") for row in data.eval for e in row)  # kept for evaluation
     rendered = classification(SourceSpec(**source), rows[1], None, ("Yes", "No"))
     assert rendered.turns[-2].content.endswith("Answer with one of: Yes, No.") and rendered.turns[-1].content == "Yes"
 
@@ -88,7 +89,7 @@ def test_text_format_trains_every_token_without_template(tmp_path, tokenizer):
     (tmp_path / "notes" / "b.md").write_text("short note")
     data = build_datasets(DataSpec(train=[{"path": str(tmp_path / "notes"), "format": "text"}],
                                    eval=[{"path": str(tmp_path / "notes" / "b.md"), "format": "text"}],
-                                   max_length=32, max_overlap=1.0, dedup=False), tokenizer, seed=0)
+                                   max_length=32, max_overlap=1.0, dedup=False, packing=False), tokenizer, seed=0)
     assert data.manifest["totals"]["train_examples"] > 5
     assert all(len(r[0].input_ids) <= 32 for r in data.train)
 
@@ -103,7 +104,7 @@ def test_tatqa_shape_explode_with_table_and_paragraphs(tmp_path, tokenizer):
     source = {"path": str(path), "explode": "questions",
               "prompt": "{table.table}\n{paragraphs.0.text}\nQ: {questions.question}",
               "response": "{questions.answer|, } {questions.scale?}"}
-    data = build_datasets(DataSpec(train=[source], eval=[source], dedup=False, max_overlap=1.0), tokenizer, seed=0)
+    data = build_datasets(DataSpec(train=[source], eval=[source], dedup=False, max_overlap=1.0, packing=False), tokenizer, seed=0)
     assert data.manifest["sources"][0]["records"] == 3 and data.manifest["totals"]["train_examples"] == 3
     text = tokenizer.decode(data.train[0][0].input_ids)
     assert " | 2019 | 2018\nRevenue | 10 | 8\nRevenue grew.\nQ: What was 2019 revenue?" in text

@@ -23,6 +23,7 @@ class Example:
 
     input_ids: tuple[int, ...]
     labels: tuple[int, ...]
+    choices: tuple[str, ...] = ()  # classification / multiple choice: the closed answer set, for evaluation
 
     @property
     def n_label_tokens(self) -> int:

@@ -148,6 +148,10 @@ def _check_overlap(train: list[_Item], held_out: list[_Item], limit: float, mani
     share = (found["exact"] + found["near"]) / max(len(held_out), 1)
     manifest["overlap"] = {"exact": found["exact"], "near": found["near"], "share": round(share, 4),
                            "examples": [held_out[j].origin for j in found["examples"]]}
+    if 0 < share <= limit:
+        manifest.setdefault("warnings", []).append(
+            f"{found['exact'] + found['near']} held-out examples ({share:.1%}) duplicate training examples "
+            f"(exact {found['exact']}, near {found['near']}), within data.max_overlap={limit:g}")
     if share > limit:
         raise RecipeError([
             f"data: {found['exact']} held-out examples duplicate training examples exactly and {found['near']} nearly "
@@ -178,6 +182,8 @@ def _encode_all(items: list[_Item], tokenizer, spec: DataSpec, manifest: dict, s
             examples += encode_document(tokenizer, item.rendered.document, spec.max_length, spec.text_overlap)
             continue
         example = encode_turns(tokenizer, item.rendered.turns)
+        if item.rendered.choices:
+            example = Example(example.input_ids, example.labels, item.rendered.choices)
         if len(example.input_ids) > spec.max_length:
             if spec.length_policy == "error":
                 raise RecipeError([f"{item.origin}: {len(example.input_ids)} tokens, over data.max_length={spec.max_length} "
@@ -185,7 +191,7 @@ def _encode_all(items: list[_Item], tokenizer, spec: DataSpec, manifest: dict, s
             if spec.length_policy == "drop":
                 dropped["too_long"] += 1
                 continue
-            example = Example(example.input_ids[: spec.max_length], example.labels[: spec.max_length])
+            example = Example(example.input_ids[: spec.max_length], example.labels[: spec.max_length], example.choices)
             if example.n_label_tokens == 0:  # the prompt alone fills max_length: nothing left to learn
                 dropped["too_long"] += 1
                 continue
