@@ -24,6 +24,20 @@ CORPUS = [
 ]
 
 
+_MODEL_CACHE = (Path(os.environ.get("LLAMATUNE_CACHE_DIR") or Path.home() / ".cache" / "llamatune") / "models").expanduser()
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    """Each test gets an empty llamatune cache (tokenized data), sharing only the converted builtin
+    models, which are slow to make and never change."""
+    cache = tmp_path / "llamatune-cache"
+    cache.mkdir()
+    _MODEL_CACHE.mkdir(parents=True, exist_ok=True)
+    (cache / "models").symlink_to(_MODEL_CACHE, target_is_directory=True)
+    monkeypatch.setenv("LLAMATUNE_CACHE_DIR", str(cache))
+
+
 @pytest.fixture(autouse=True)
 def _no_network(monkeypatch):
     """Tests never touch the network: any attempt to connect to an internet address fails loudly."""

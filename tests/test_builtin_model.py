@@ -47,12 +47,12 @@ def test_builtin_model_trains_and_held_out_loss_drops(builtin_folder, tmp_path):
     recipe = parse_recipe({
         "model": {"path": "smollm2-135m-instruct"},
         "data": {"train": {"path": "train.jsonl", "prompt": "{question}", "response": "{answer}"},
-                 "eval": {"path": "eval.jsonl", "prompt": "{question}", "response": "{answer}"}},
+                 "eval": {"path": "eval.jsonl", "prompt": "{question}", "response": "{answer}"}, "packing": False},
         "train": {"max_steps": 5, "micro_batch_size": 8, "lr": 1e-3, "warmup_ratio": 0.0},
     }, base_dir=tmp_path)
     result = train(recipe, "builtin", run_dir=tmp_path / "run")
     summary = result.summary
-    assert summary["base_model"] == str(builtin_folder)
+    assert Path(summary["base_model"]).resolve() == builtin_folder.resolve()
     assert summary["eval_loss_after"] < summary["eval_loss_before"] - 0.1, summary
 
 

@@ -151,3 +151,22 @@ def test_source_weights_repeat_and_subsample(tmp_path, tokenizer):
     data_spec = DataSpec(train=[{"path": str(a), "weight": 2, **QA}, {"path": str(b), "weight": 0.5, **QA}],
                          eval=[{"path": str(held), **QA}])
     assert build_datasets(data_spec, tokenizer, seed=0).manifest["totals"]["train_examples"] == 25
+
+
+def test_cache_hits_and_is_invalidated_by_editing_a_source(tmp_path, tiny_model_dir):
+    tokenizer = load_tokenizer(str(tiny_model_dir))  # its own: this test changes the template
+    train = write_jsonl(tmp_path / "t.jsonl", qa_rows(12))
+    held = write_jsonl(tmp_path / "h.jsonl", qa_rows(3, offset=40))
+    first = build_datasets(spec(tmp_path, train, held), tokenizer, seed=0)
+    second = build_datasets(spec(tmp_path, train, held), tokenizer, seed=0)
+    assert first.manifest["cache"]["hit"] is False and second.manifest["cache"]["hit"] is True
+    assert second.train == first.train and second.eval == first.eval
+    assert second.manifest["cache"]["key"] == first.manifest["cache"]["key"]
+    write_jsonl(train, qa_rows(12)[:-1] + [{"question": "edited?", "answer": "yes"}])  # same size, new content
+    edited = build_datasets(spec(tmp_path, train, held), tokenizer, seed=0)
+    assert edited.manifest["cache"]["hit"] is False and edited.manifest["cache"]["key"] != first.manifest["cache"]["key"]
+    other_seed = build_datasets(spec(tmp_path, train, held), tokenizer, seed=1)
+    assert other_seed.manifest["cache"]["key"] != edited.manifest["cache"]["key"]
+    # a different template changes the key too
+    chatml_plus = spec(tmp_path, train, held, chat_template="{{ 'Transcript:' }}" + tokenizer.chat_template)
+    assert build_datasets(chatml_plus, tokenizer, seed=0).manifest["cache"]["hit"] is False

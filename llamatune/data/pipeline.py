@@ -7,6 +7,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
+from llamatune.data import cache
 from llamatune.data.batches import Row, pack, unpacked
 from llamatune.data.encode import Example, encode_document, encode_turns, end_of_turn_trained, set_chat_template
 from llamatune.data.formats import FORMATS, Drop, Rendered, fill
@@ -38,7 +39,29 @@ class _Item:
     source: int  # index of its source in data.train / data.eval
 
 
-def build_datasets(spec: DataSpec, tokenizer, seed: int) -> Datasets:
+def build_datasets(spec: DataSpec, tokenizer, seed: int, use_cache: bool = True) -> Datasets:
+    """Builds train and held-out rows from the recipe's data section, or reads them from the cache
+    (keyed on file contents, tokenizer, template and the data section; see cache.py).
+
+    The tokenizer's chat template is set here (data.chat_template), so it is the one saved with the run.
+
+    Raises:
+        RecipeError: See _build.
+    """
+    if any(s.format != "text" for s in spec.train + (spec.eval or ())):
+        set_chat_template(tokenizer, spec.chat_template)
+    key = cache.cache_key(spec, tokenizer, seed) if use_cache else None
+    hit = cache.load(key) if key else None
+    if hit is not None:
+        train_rows, eval_rows, manifest = hit
+        return Datasets(train=train_rows, eval=eval_rows, manifest={**manifest, "cache": {"key": key, "hit": True}})
+    data = _build(spec, tokenizer, seed)
+    if key:
+        cache.save(key, data.train, data.eval, data.manifest)
+    return Datasets(train=data.train, eval=data.eval, manifest={**data.manifest, "cache": {"key": key, "hit": False}})
+
+
+def _build(spec: DataSpec, tokenizer, seed: int) -> Datasets:
     """Builds train and held-out rows from the recipe's data section.
 
     Order matters: duplicates are removed from the whole training pool before a held-out share is
@@ -48,8 +71,6 @@ def build_datasets(spec: DataSpec, tokenizer, seed: int) -> Datasets:
         RecipeError: For unreadable data (naming file and line), strict-mode drops, a held-out set
             that overlaps training above data.max_overlap, or an empty split.
     """
-    if any(s.format != "text" for s in spec.train + (spec.eval or ())):
-        set_chat_template(tokenizer, spec.chat_template)
     manifest: dict = {"sources": [], "seed": seed}
 
     train_items = [item for k, source in enumerate(spec.train)
