@@ -44,6 +44,12 @@ def report(data: Datasets, console: Console) -> None:
     for split, counts in m.get("length", {}).items():
         if counts:
             console.print(f"length policy ({split}): " + ", ".join(f"{k} {v}" for k, v in counts.items()), highlight=False)
+    for split, d in m.get("doctor", {}).items():
+        console.print(f"doctor ({split}): " + "; ".join([
+            f"{_mark(True)} {d['chat_examples_rendered_as_at_inference']} chat examples rendered exactly as at inference",
+            f"{_mark(d['dropped_without_trained_tokens'] == 0)} {d['dropped_without_trained_tokens']} dropped with no trained token",
+            f"{_mark(d['without_trained_end_of_turn'] == 0)} {d['without_trained_end_of_turn']} without a trained end-of-turn token",
+        ]), highlight=False)
     for warning in m.get("warnings", []):
         console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     t = m["totals"]
@@ -51,6 +57,10 @@ def report(data: Datasets, console: Console) -> None:
                   f"{t['train_tokens']:,} train tokens of which {t['train_label_tokens']:,} trained "
                   f"({t['train_label_tokens'] / max(t['train_tokens'], 1):.0%}); {t['train_rows']} rows, "
                   f"packing efficiency {t['packing_efficiency']:.0%}", highlight=False)
+
+
+def _mark(ok: bool) -> str:
+    return "[green]ok[/]" if ok else "[yellow]!![/]"
 
 
 def preview(data: Datasets, tokenizer, n: int, console: Console) -> None:

@@ -59,6 +59,8 @@ def test_data_check_fails_with_the_overlap_count(tiny_recipe):
     ok = CliRunner().invoke(app, ["data", "check", str(tiny_recipe)])
     assert ok.exit_code == 0 and "held-out overlap with train: 0 exact, 0 near" in ok.output
     assert "24 records → 24 examples; dropped: none" in ok.output
+    assert "doctor (train): ok 24 chat examples rendered exactly as at inference; ok 0 dropped with no trained token; " \
+           "ok 0 without a trained end-of-turn token" in ok.output
 
 
 def test_data_preview_shows_examples_and_lengths(tiny_recipe):

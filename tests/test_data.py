@@ -170,3 +170,14 @@ def test_cache_hits_and_is_invalidated_by_editing_a_source(tmp_path, tiny_model_
     # a different template changes the key too
     chatml_plus = spec(tmp_path, train, held, chat_template="{{ 'Transcript:' }}" + tokenizer.chat_template)
     assert build_datasets(chatml_plus, tokenizer, seed=0).manifest["cache"]["hit"] is False
+
+
+def test_doctor_flags_a_template_that_never_trains_end_of_turn(tmp_path, tiny_model_dir):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    no_eot = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    train = write_jsonl(tmp_path / "t.jsonl", qa_rows(6))
+    held = write_jsonl(tmp_path / "h.jsonl", qa_rows(2, offset=30))
+    data = build_datasets(spec(tmp_path, train, held, chat_template=no_eot), tokenizer, seed=0)
+    assert data.manifest["doctor"]["train"]["without_trained_end_of_turn"] == 6
+    assert "6 examples do not train the end-of-turn token '<|im_end|>'" in data.manifest["warnings"][0]

@@ -197,12 +197,13 @@ def _weighted(items: list[_Item], sources: tuple[SourceSpec, ...], seed: int) ->
 def _encode_all(items: list[_Item], tokenizer, spec: DataSpec, manifest: dict, split: str) -> list[Example]:
     examples: list[Example] = []
     dropped: Counter = Counter()
-    missing_eot = 0
+    missing_eot = chat_examples = 0
     for item in items:
         if item.rendered.document is not None:
             examples += encode_document(tokenizer, item.rendered.document, spec.max_length, spec.text_overlap)
             continue
         example = encode_turns(tokenizer, item.rendered.turns)
+        chat_examples += 1
         if item.rendered.choices:
             example = Example(example.input_ids, example.labels, item.rendered.choices)
         if len(example.input_ids) > spec.max_length:
@@ -224,6 +225,13 @@ def _encode_all(items: list[_Item], tokenizer, spec: DataSpec, manifest: dict, s
             missing_eot += 1  # kept, but a model that never learns to stop is worth a warning
         examples.append(example)
     manifest.setdefault("length", {})[split] = dict(dropped)
+    # The doctor's findings: encode_turns already refused any template whose prompt differs from the
+    # inference rendering, so every chat example counted here passed that check.
+    manifest.setdefault("doctor", {})[split] = {
+        "chat_examples_rendered_as_at_inference": chat_examples,
+        "dropped_without_trained_tokens": dropped["no_trained_tokens"],
+        "without_trained_end_of_turn": missing_eot,
+    }
     if missing_eot:
         manifest.setdefault("warnings", []).append(f"{split}: {missing_eot} examples do not train the end-of-turn token "
                                                    f"{tokenizer.eos_token!r}; the model may not learn to stop")
