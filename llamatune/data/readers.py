@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,15 +67,6 @@ def read_source(spec: SourceSpec) -> Iterator[Record]:
                 return
             count += 1
             yield item
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes (for the data manifest and the cache key)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _raw_records(spec: SourceSpec) -> Iterator[Record]:
