@@ -178,7 +178,8 @@ class TrainSpec(_Spec):
     seed: int = Field(42, description="Seeds data order, the held-out split, adapter init and dropout.")
     epochs: int = Field(1, ge=1, description="Passes over the training set (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
-    micro_batch_size: int = Field(4, ge=1, description="Examples per forward pass per process.")
+    micro_batch_size: int = Field(4, ge=1, description="Rows per forward pass per process: examples, or with "
+                                  "data.packing rows of up to max_length tokens holding several examples.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (effective batch = micro x accum x processes).")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")

@@ -15,6 +15,7 @@ from llamatune import model as models
 from llamatune.data.pipeline import build_datasets
 from llamatune.data.batches import collate, epoch_order, eval_order
 from llamatune.data.encode import IGNORE_INDEX
+from llamatune.progress import TrainProgress
 from llamatune.recipe import Recipe
 from llamatune.rundir import MetricsLog, choose_run_dir, start_run_dir, write_manifest, write_summary
 
@@ -105,8 +106,6 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
     eval_before = evaluate(0)
 
     # ---- the loop ------------------------------------------------------------------------------
-    from llamatune.progress import TrainProgress
-
     started = time.perf_counter()
     tokens_seen, step, epoch, loss = 0, 0, 0, float("nan")
     with TrainProgress(total_steps, console, cfg.log_every, acc.is_main_process) as progress:
