@@ -103,14 +103,20 @@ def train(
     recipe: Path = RecipeArg,
     overrides: Optional[List[str]] = SetOpt,
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Write the run here instead of output.dir/output.name."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="'auto' (newest complete checkpoint of the run, or a fresh "
+                                         "start) or a checkpoint folder."),
+    force_resume: bool = typer.Option(False, "--force-resume", help="Resume even if the recipe or data changed."),
 ) -> None:
-    """Fine-tune a LoRA adapter as RECIPE says and write a run directory."""
+    """Fine-tune a LoRA adapter as RECIPE says and write a run directory.
+
+    Exit 75 after SIGTERM/SIGINT once a checkpoint is complete: run again with --resume auto.
+    """
 
     def body() -> None:
         parsed, _ = _load_checked(recipe, overrides)
         _quiet_libraries()
         from llamatune.train import train as run_training
-        run_training(parsed, recipe_name=recipe.stem, run_dir=run_dir, console=out)
+        run_training(parsed, recipe_name=recipe.stem, run_dir=run_dir, console=out, resume=resume, force_resume=force_resume)
 
     _run(body)
 

@@ -188,6 +188,11 @@ class TrainSpec(_Spec):
     eval_every: int | None = Field(None, ge=1, description="Also evaluate held-out loss every N steps (always before and after).")
     log_every: int = Field(1, ge=1, description="Write a metrics line every N steps.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast for the forward pass (GPU).")
+    save_every: int | None = Field(None, ge=1, description="Write a checkpoint every N steps (also on SIGTERM/SIGINT "
+                                   "and at the end); resume with --resume auto.")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept; older ones are deleted once a newer one is complete.")
+    max_bad_steps: int = Field(5, ge=1, description="Consecutive steps with a NaN/Inf loss or gradient (each skipped) "
+                               "before the run stops with its last good checkpoint.")
 
 
 class OutputSpec(_Spec):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -11,13 +13,16 @@ from typing import Any
 
 from rich.console import Console
 
+from llamatune import checkpoint
 from llamatune import model as models
-from llamatune.data.pipeline import build_datasets
+from llamatune import resume as resume_from
+from llamatune.data.pipeline import build_datasets, fingerprint
 from llamatune.data.batches import collate, epoch_order, eval_order
 from llamatune.data.encode import IGNORE_INDEX
 from llamatune.progress import TrainProgress
 from llamatune.recipe import Recipe
-from llamatune.rundir import MetricsLog, choose_run_dir, start_run_dir, write_manifest, write_summary
+from llamatune.errors import LlamatuneError
+from llamatune.rundir import MetricsLog, start_run_dir, write_manifest, write_summary
 
 
 @dataclass(frozen=True)
@@ -28,7 +33,8 @@ class TrainResult:
     model: Any
 
 
-def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console: Console | None = None) -> TrainResult:
+def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console: Console | None = None,
+          resume: str | None = None, force_resume: bool = False) -> TrainResult:
     """Fine-tunes a LoRA adapter as the recipe says and writes a run directory.
 
     Args:
@@ -36,9 +42,15 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
         recipe_name: Used in the default run-directory name (usually the recipe file's stem).
         run_dir: Overrides output.dir/output.name.
         console: Where progress goes (default: stdout).
+        resume: None (a new run), "auto" (the run's newest complete checkpoint, or a fresh start if it
+            has none) or the path of a checkpoint folder.
+        force_resume: Resume even if the recipe or the data changed since the checkpoint.
 
     Returns:
         The summary written to summary.json and the trained model.
+
+    Raises:
+        Preempted: After SIGTERM/SIGINT, once a checkpoint is complete (exit code 75).
     """
     import torch
     from accelerate import Accelerator
@@ -47,9 +59,12 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
 
     console = console or Console(soft_wrap=True)
     cfg = recipe.train
-    run_dir = choose_run_dir(recipe, recipe_name, run_dir)  # fail on a used run dir before any heavy work
     acc = Accelerator(mixed_precision=cfg.mixed_precision)
     say = console.print if acc.is_main_process else (lambda *_: None)
+    # Decided before any heavy work: a used run dir or a bad checkpoint fails in a second.
+    run_dir, ckpt = resume_from.locate(recipe, recipe_name, run_dir, resume, say)
+    if ckpt is not None:
+        resume_from.check_unchanged(run_dir, recipe, force_resume, say)
     set_seed(cfg.seed)  # once: python, numpy, torch (adapter init, dropout) all follow from here
 
     # ---- model source, tokenizer, data -------------------------------------------------------
@@ -57,6 +72,7 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
         ref = models.resolve(recipe.model, say)
     tokenizer = models.load_tokenizer(ref, recipe.model.revision)
     data = build_datasets(recipe.data, tokenizer, cfg.seed)
+    data_fingerprint = fingerprint(data.manifest)
 
     # ---- model ---------------------------------------------------------------------------------
     t_load = time.perf_counter()
@@ -90,9 +106,18 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
         f"| {total_steps} steps ({steps_per_epoch}/epoch), warmup {warmup} | device {acc.device}"
     )
 
-    if acc.is_main_process:
-        start_run_dir(run_dir, recipe)
-        write_manifest(run_dir, data.manifest)
+    # ---- a new run directory, or the state of the one being resumed --------------------------------
+    start, tokens_seen, skipped, eval_before = 0, 0, 0, None
+    if ckpt is None:
+        if acc.is_main_process:
+            start_run_dir(run_dir, recipe)
+            write_manifest(run_dir, data.manifest)
+    else:
+        state = checkpoint.load(ckpt, acc.unwrap_model(model), optimizer)
+        resume_from.check_same_data(state["data_fingerprint"], data_fingerprint, force_resume, say)
+        scheduler.load_state_dict(state["scheduler"])
+        start, tokens_seen, skipped, eval_before = state["step"], state["tokens"], state["skipped_steps"], state["eval_loss_before"]
+        say(f"resuming {run_dir} from {ckpt.name} (step {start} of {total_steps})")
     for warning in data.manifest.get("warnings", []):
         say(f"[yellow]warning:[/] {warning}")
     metrics = MetricsLog(run_dir / "metrics.jsonl" if acc.is_main_process else None)
@@ -103,64 +128,95 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
         say(f"held-out loss at step {step}: {loss:.4f}")
         return loss
 
-    eval_before = evaluate(0)
+    def save(step: int) -> Path:
+        state = {"step": step, "epoch": step // steps_per_epoch, "offset_in_epoch": step % steps_per_epoch,
+                 "tokens": tokens_seen, "skipped_steps": skipped, "eval_loss_before": eval_before,
+                 "scheduler": scheduler.state_dict(), "data_fingerprint": data_fingerprint}
+        return checkpoint.save(run_dir / "checkpoints", step, acc.unwrap_model(model), optimizer, state, cfg.keep_last, acc)
 
-    # ---- the loop ------------------------------------------------------------------------------
+    if eval_before is None:
+        eval_before = evaluate(0)
+    if ckpt is not None:
+        checkpoint.restore_rng(ckpt, rank)  # last, so nothing above consumes the restored randomness
+
+    # ---- the loop: step s reads micro-batches [k*accum, (k+1)*accum) of epoch s // steps_per_epoch ----
     started = time.perf_counter()
-    tokens_seen, step, epoch, loss = 0, 0, 0, float("nan")
-    with TrainProgress(total_steps, console, cfg.log_every, acc.is_main_process) as progress:
-        while step < total_steps:
-            local = epoch_order(len(data.train), cfg.micro_batch_size, cfg.seed, epoch, world)[rank::world]
-            for first in range(0, len(local), cfg.grad_accum):
-                if step >= total_steps:
-                    break
-                t0 = time.perf_counter()
-                groups = [[data.train[i] for i in idx] for idx in local[first : first + cfg.grad_accum]]
-                batches = [collate(rows, tokenizer.pad_token_id) for rows in groups]
-                # Token-weighted loss: divide the summed per-token loss by the label tokens of the
-                # WHOLE optimizer step on ALL processes, so accumulation and DDP equal one big batch.
-                # DDP averages gradients over processes, hence the factor `world`.
-                n_local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-                n_step = int(acc.reduce(torch.tensor(n_local, device=acc.device), "sum"))
-                model.train()
-                loss_sum = 0.0
-                for i, batch in enumerate(batches):
-                    batch = {k: v.to(acc.device) for k, v in batch.items()}
-                    sync = nullcontext() if i == len(batches) - 1 else acc.no_sync(model)
-                    with sync:
-                        with acc.autocast():
-                            summed, _ = _summed_loss(model, batch)
-                        acc.backward(summed * world / max(n_step, 1))
-                    loss_sum += summed.item()
-                if cfg.max_grad_norm is not None:
-                    acc.clip_grad_norm_(params, cfg.max_grad_norm)
-                lr = scheduler.get_last_lr()[0]
+    loss, bad, orders = float("nan"), 0, {}
+    with resume_from.StopSignals() as stop, TrainProgress(total_steps, console, cfg.log_every, acc.is_main_process) as progress:
+        for step in range(start, total_steps):
+            epoch, k = divmod(step, steps_per_epoch)
+            if epoch not in orders:  # the order depends only on (seed, epoch): resume lands on the same batches
+                orders = {epoch: epoch_order(len(data.train), cfg.micro_batch_size, cfg.seed, epoch, world)[rank::world]}
+            t0 = time.perf_counter()
+            groups = [[data.train[i] for i in idx] for idx in orders[epoch][k * cfg.grad_accum : (k + 1) * cfg.grad_accum]]
+            batches = [collate(rows, tokenizer.pad_token_id) for rows in groups]
+            # Token-weighted loss: divide the summed per-token loss by the label tokens of the
+            # WHOLE optimizer step on ALL processes, so accumulation and DDP equal one big batch.
+            # DDP averages gradients over processes, hence the factor `world`.
+            n_local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+            n_step = int(acc.reduce(torch.tensor(n_local, device=acc.device), "sum"))
+            model.train()
+            loss_sum = 0.0
+            for i, batch in enumerate(batches):
+                batch = {key: v.to(acc.device) for key, v in batch.items()}
+                sync = nullcontext() if i == len(batches) - 1 else acc.no_sync(model)
+                with sync:
+                    with acc.autocast():
+                        summed, _ = _summed_loss(model, batch)
+                    if os.environ.get(checkpoint.FAULT_ENV) == f"nan-loss:{step + 1}":
+                        summed = summed * float("nan")  # test hook: a numerically broken step
+                    acc.backward(summed * world / max(n_step, 1))
+                loss_sum += summed.item()
+                checkpoint.fault(f"micro:{step + 1}:{i}")
+            grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+            loss = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), "sum")) / max(n_step, 1)
+            lr = scheduler.get_last_lr()[0]
+            if math.isfinite(loss) and math.isfinite(float(grad_norm)):
                 optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
+                bad = 0
+            else:  # skip the update, keep the adapter as it was; the data and the schedule move on
+                skipped, bad = skipped + 1, bad + 1
+                say(f"[yellow]warning:[/] step {step + 1}: loss {loss} / gradient norm {float(grad_norm)}: update skipped")
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
 
-                loss = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), "sum")) / max(n_step, 1)
-                real = sum(len(e.input_ids) for rows in groups for row in rows for e in row)
-                n_tokens = int(acc.reduce(torch.tensor(real, device=acc.device), "sum"))
-                tokens_seen += n_tokens
-                tps = n_tokens / (time.perf_counter() - t0)
-                progress.update(step, loss, lr, tps)
-                if step % cfg.log_every == 0 or step == total_steps:
-                    metrics.write(step=step, epoch=epoch, loss=loss, lr=lr, tokens=tokens_seen,
-                                  tokens_per_s=round(tps, 1), elapsed_s=round(time.perf_counter() - started, 2))
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                    evaluate(step)
-            epoch += 1
+            real = sum(len(e.input_ids) for rows in groups for row in rows for e in row)
+            n_tokens = int(acc.reduce(torch.tensor(real, device=acc.device), "sum"))
+            tokens_seen += n_tokens
+            tps = n_tokens / (time.perf_counter() - t0)
+            progress.update(done, loss, lr, tps)
+            if done % cfg.log_every == 0 or done == total_steps:
+                metrics.write(step=done, epoch=epoch, loss=loss, lr=lr, tokens=tokens_seen,
+                              tokens_per_s=round(tps, 1), elapsed_s=round(time.perf_counter() - started, 2))
+            checkpoint.fault(f"step:{done}")
+            if bad >= cfg.max_bad_steps:
+                path = save(done)
+                raise LlamatuneError(
+                    f"{bad} consecutive steps had a NaN/Inf loss or gradient (each update skipped) at step {done}; "
+                    f"stopping. The adapter was never updated by them: checkpoint {path}. Lower train.lr, check the data, "
+                    "or use float32."
+                )
+            if stop.requested or (cfg.save_every and (done % cfg.save_every == 0 or done == total_steps)):
+                path = save(done)
+                if stop.requested:
+                    metrics.close()
+                    raise resume_from.Preempted(
+                        f"stopped by {signal.Signals(stop.requested).name} at step {done}; checkpoint {path} is complete. "
+                        f"Continue with: llamatune train RECIPE --resume auto --run-dir {run_dir}"
+                    )
+            if cfg.eval_every and done % cfg.eval_every == 0 and done < total_steps:
+                evaluate(done)
     train_s = time.perf_counter() - started
-    eval_after = evaluate(step)
+    eval_after = evaluate(total_steps)
 
     # ---- artifacts -----------------------------------------------------------------------------
     summary = {
         "run_dir": str(run_dir.resolve()),
         "base_model": ref,
-        "steps": step,
-        "epochs_started": epoch,
+        "steps": total_steps,
+        "resumed_from_step": start or None,
+        "skipped_steps": skipped,
         "tokens": tokens_seen,
         "tokens_per_s": round(tokens_seen / train_s, 1) if train_s > 0 else None,
         "train_wall_s": round(train_s, 2),

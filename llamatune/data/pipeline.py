@@ -101,6 +101,16 @@ def _build(spec: DataSpec, tokenizer, seed: int, hashes: dict[str, str]) -> Data
     return Datasets(train=train_rows, eval=eval_rows, manifest=manifest)
 
 
+def fingerprint(manifest: dict) -> str:
+    """A digest of what the data is (every source file's sha256, the counts): a resume refuses
+    to continue on different data."""
+    import hashlib
+    import json
+
+    files = [(f["path"], f["sha256"]) for s in manifest["sources"] for f in s["files"]]
+    return hashlib.sha256(json.dumps([files, manifest["totals"]], sort_keys=True).encode()).hexdigest()
+
+
 def _split_by_document(items: list[_Item], fraction: float, seed: int) -> tuple[list[_Item], list[_Item]]:
     """Holds out a seeded share of documents (not examples): exploded questions or windows of one
     document stay on one side, so the held-out score is not inflated by siblings seen in training."""

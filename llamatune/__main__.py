@@ -1,0 +1,5 @@
+"""`python -m llamatune ...` is the same as the `llamatune` command."""
+
+from llamatune.cli import app
+
+app(prog_name="llamatune")
