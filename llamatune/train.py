@@ -59,10 +59,16 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
 
     console = console or Console(soft_wrap=True)
     cfg = recipe.train
-    acc = Accelerator(mixed_precision=cfg.mixed_precision)
+    # Under torchrun/mpirun without a GPU, accelerate only sets up (gloo) distribution when told cpu=True.
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=multi_cpu)
     say = console.print if acc.is_main_process else (lambda *_: None)
     # Decided before any heavy work: a used run dir or a bad checkpoint fails in a second.
     run_dir, ckpt = resume_from.locate(recipe, recipe_name, run_dir, resume, say)
+    if acc.num_processes > 1:  # every process must use the main process's choice (a timestamped name can differ)
+        from accelerate.utils import broadcast_object_list
+
+        run_dir, ckpt = broadcast_object_list([run_dir, ckpt], from_process=0)
     if ckpt is not None:
         resume_from.check_unchanged(run_dir, recipe, force_resume, say)
     set_seed(cfg.seed)  # once: python, numpy, torch (adapter init, dropout) all follow from here
