@@ -54,7 +54,7 @@ def _run(fn: Callable[[], None]) -> None:
     try:
         fn()
     except LlamatuneError as exc:
-        kind = "invalid recipe or arguments" if exc.exit_code == 2 else "error"
+        kind = {2: "invalid recipe or arguments", 75: "stopped"}.get(exc.exit_code, "error")
         err.print(f"[bold red]{kind}:[/] {exc}", highlight=False, markup=True)
         raise typer.Exit(exc.exit_code) from None
 
@@ -106,6 +106,8 @@ def train(
     resume: Optional[str] = typer.Option(None, "--resume", help="'auto' (newest complete checkpoint of the run, or a fresh "
                                          "start) or a checkpoint folder."),
     force_resume: bool = typer.Option(False, "--force-resume", help="Resume even if the recipe or data changed."),
+    save_on_signal: Optional[str] = typer.Option(None, "--save-on-signal", help="Also checkpoint and stop on this signal, "
+                                                 "e.g. USR1 with Slurm's --signal=USR1@120."),
 ) -> None:
     """Fine-tune a LoRA adapter as RECIPE says and write a run directory.
 
@@ -114,9 +116,17 @@ def train(
 
     def body() -> None:
         parsed, _ = _load_checked(recipe, overrides)
+        if save_on_signal is not None:
+            import signal
+
+            if not hasattr(signal, "SIG" + save_on_signal.upper().removeprefix("SIG")):
+                from llamatune.errors import RecipeError
+
+                raise RecipeError([f"--save-on-signal: unknown signal {save_on_signal!r}; e.g. USR1, USR2"])
         _quiet_libraries()
         from llamatune.train import train as run_training
-        run_training(parsed, recipe_name=recipe.stem, run_dir=run_dir, console=out, resume=resume, force_resume=force_resume)
+        run_training(parsed, recipe_name=recipe.stem, run_dir=run_dir, console=out, resume=resume, force_resume=force_resume,
+                     save_on_signal=save_on_signal)
 
     _run(body)
 

@@ -23,7 +23,7 @@ from llamatune.schema import Recipe
 def load(recipe: Recipe, say=print):
     """Builds the recipe's datasets with its model's tokenizer (no weights are loaded)."""
     ref = models.resolve(recipe.model, say)
-    tokenizer = models.load_tokenizer(ref, recipe.model.revision)
+    tokenizer = models.load_tokenizer(ref, recipe.model.revision, recipe.model.trust_remote_code)
     return build_datasets(recipe.data, tokenizer, recipe.train.seed), tokenizer
 
 

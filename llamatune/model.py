@@ -58,12 +58,12 @@ def resolve(spec: ModelSpec, say: Callable[[str], None] = print) -> str:
     return spec.path
 
 
-def load_tokenizer(ref: str, revision: str | None = None):
+def load_tokenizer(ref: str, revision: str | None = None, trust_remote_code: bool = False):
     """Loads the tokenizer and makes sure it can pad (the chat template is the data pipeline's concern)."""
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(ref, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(ref, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise LlamatuneError(f"could not load a tokenizer from {ref!r}: {exc}") from exc
     if tokenizer.pad_token_id is None:
@@ -78,7 +78,8 @@ def load_base(ref: str, spec: ModelSpec, quant: QuantizationSpec, device_map=Non
     from transformers import AutoModelForCausalLM
 
     # safetensors only: a pickled .bin checkpoint can execute code when loaded.
-    kwargs: dict = {"dtype": getattr(torch, spec.dtype), "revision": spec.revision, "use_safetensors": True}
+    kwargs: dict = {"dtype": getattr(torch, spec.dtype), "revision": spec.revision, "use_safetensors": True,
+                    "trust_remote_code": spec.trust_remote_code}
     if quant.mode != "none":
         kwargs["quantization_config"] = _bnb_config(quant)
         kwargs["device_map"] = device_map or ({"": 0} if torch.cuda.is_available() else {"": "cpu"})
@@ -132,7 +133,7 @@ def linear_module_names(model: "torch.nn.Module") -> list[str]:
     return sorted(names)
 
 
-def apply_lora(model, lora: LoraSpec, quantized: bool):
+def apply_lora(model, lora: LoraSpec, quantized: bool, gradient_checkpointing: bool = False):
     """Freezes the base and wraps it in a peft LoRA adapter.
 
     Raises:
@@ -151,8 +152,14 @@ def apply_lora(model, lora: LoraSpec, quantized: bool):
                 problems.append(f"lora.target_modules: {m!r} not in model; linear layers: {', '.join(available)}.{hint}")
             raise RecipeError(problems)
     if quantized:
-        # Casts norms to fp32 and enables input grads; no gradient checkpointing here (a later choice).
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        # Casts norms to fp32 and enables input grads (needed by checkpointing a frozen 4/8-bit base).
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # the frozen embeddings must still pass gradients through
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -163,6 +170,18 @@ def apply_lora(model, lora: LoraSpec, quantized: bool):
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def make_optimizer(params, name: str, lr: float, weight_decay: float):
+    """AdamW from torch or bitsandbytes (8-bit state; paged variant), by the recipe's closed choice."""
+    import torch
+
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    import bitsandbytes as bnb
+
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[name]
+    return cls(params, lr=lr, weight_decay=weight_decay)
 
 
 def count_parameters(peft_model) -> tuple[int, int]:

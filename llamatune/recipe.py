@@ -28,7 +28,8 @@ _KNOWN_ALIASES = {
     "learning_rate": "lr", "num_epochs": "epochs", "num_train_epochs": "epochs",
     "batch_size": "micro_batch_size", "per_device_train_batch_size": "micro_batch_size",
     "gradient_accumulation_steps": "grad_accum", "sequence_len": "max_length", "max_seq_length": "max_length",
-    "model_name_or_path": "path", "base_model": "path", "output_dir": "dir",
+    "model_name_or_path": "path", "base_model": "path", "output_dir": "dir", "mixed_precision": "precision",
+    "lr_scheduler_type": "scheduler", "optim": "optimizer",
 }
 
 

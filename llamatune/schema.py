@@ -30,6 +30,8 @@ class ModelSpec(_Spec):
         "folder, a local .gguf file, or a hub id such as 'org/name' (needs a network once).",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit); hub ids only.")
+    trust_remote_code: bool = Field(False, description="Run Python code shipped with a hub model. Off: only architectures "
+                                     "transformers itself implements load. Turn on only for code you have read.")
     dtype: Dtype = Field(
         "float32",
         description="Dtype of the frozen base weights. float32 is exact and the fastest on most CPUs; "
@@ -175,6 +177,12 @@ class DataSpec(_Spec):
 class TrainSpec(_Spec):
     """The optimisation loop."""
 
+    @model_validator(mode="after")
+    def _patience_needs_evals(self) -> "TrainSpec":
+        if self.early_stopping_patience is not None and self.eval_every is None:
+            raise ValueError("early_stopping_patience needs eval_every (how often the held-out loss is measured)")
+        return self
+
     seed: int = Field(42, description="Seeds data order, the held-out split, adapter init and dropout.")
     epochs: int = Field(1, ge=1, description="Passes over the training set (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
@@ -187,7 +195,15 @@ class TrainSpec(_Spec):
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm; null disables clipping.")
     eval_every: int | None = Field(None, ge=1, description="Also evaluate held-out loss every N steps (always before and after).")
     log_every: int = Field(1, ge=1, description="Write a metrics line every N steps.")
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast for the forward pass (GPU).")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp32, or autocast of the forward pass to "
+                                                       "bf16 (GPUs and recent CPUs) or fp16 (GPUs only).")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "adamw", description="adamw (torch) | adamw_8bit (bitsandbytes: 8-bit optimizer state, ~4x less optimizer "
+        "memory) | paged_adamw_8bit (also pages state out under GPU memory pressure).")
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate decay after the linear warmup.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: much less memory, ~30% slower.")
+    early_stopping_patience: int | None = Field(None, ge=1, description="Stop after this many evaluations (eval_every) "
+                                                "without a held-out loss lower than the best by more than 1e-4.")
     save_every: int | None = Field(None, ge=1, description="Write a checkpoint every N steps (also on SIGTERM/SIGINT "
                                    "and at the end); resume with --resume auto.")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept; older ones are deleted once a newer one is complete.")

@@ -21,8 +21,12 @@ from llamatune.data.batches import collate, epoch_order, eval_order
 from llamatune.data.encode import IGNORE_INDEX
 from llamatune.progress import TrainProgress
 from llamatune.recipe import Recipe
-from llamatune.errors import LlamatuneError
+from llamatune.errors import LlamatuneError, RecipeError
 from llamatune.rundir import MetricsLog, start_run_dir, write_manifest, write_summary
+
+
+# recipe name -> transformers scheduler name (all with linear warmup first)
+_SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,7 @@ class TrainResult:
 
 
 def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console: Console | None = None,
-          resume: str | None = None, force_resume: bool = False) -> TrainResult:
+          resume: str | None = None, force_resume: bool = False, save_on_signal: str | None = None) -> TrainResult:
     """Fine-tunes a LoRA adapter as the recipe says and writes a run directory.
 
     Args:
@@ -45,6 +49,8 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
         resume: None (a new run), "auto" (the run's newest complete checkpoint, or a fresh start if it
             has none) or the path of a checkpoint folder.
         force_resume: Resume even if the recipe or the data changed since the checkpoint.
+        save_on_signal: Another signal (e.g. "USR1", which Slurm can send before a time limit) that
+            checkpoints and stops like SIGTERM.
 
     Returns:
         The summary written to summary.json and the trained model.
@@ -55,13 +61,15 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import get_cosine_schedule_with_warmup
+    from transformers import get_scheduler
 
     console = console or Console(soft_wrap=True)
     cfg = recipe.train
     # Under torchrun/mpirun without a GPU, accelerate only sets up (gloo) distribution when told cpu=True.
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=multi_cpu)
+    if cfg.precision == "fp16" and not torch.cuda.is_available():
+        raise RecipeError(["train.precision: fp16 autocast needs a CUDA GPU; use bf16 or fp32 on this machine"])
+    acc = Accelerator(mixed_precision={"fp32": "no"}.get(cfg.precision, cfg.precision), cpu=multi_cpu)
     say = console.print if acc.is_main_process else (lambda *_: None)
     # Decided before any heavy work: a used run dir or a bad checkpoint fails in a second.
     run_dir, ckpt = resume_from.locate(recipe, recipe_name, run_dir, resume, say)
@@ -76,7 +84,7 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
     # ---- model source, tokenizer, data -------------------------------------------------------
     with acc.main_process_first():  # one process fetches/converts a builtin; the others reuse the cache
         ref = models.resolve(recipe.model, say)
-    tokenizer = models.load_tokenizer(ref, recipe.model.revision)
+    tokenizer = models.load_tokenizer(ref, recipe.model.revision, recipe.model.trust_remote_code)
     data = build_datasets(recipe.data, tokenizer, cfg.seed)
     data_fingerprint = fingerprint(data.manifest)
 
@@ -84,11 +92,11 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
     t_load = time.perf_counter()
     quantized = recipe.quantization.mode != "none"
     base = models.load_base(ref, recipe.model, recipe.quantization, device_map={"": str(acc.device)})
-    model = models.apply_lora(base, recipe.lora, quantized)
+    model = models.apply_lora(base, recipe.lora, quantized, cfg.gradient_checkpointing)
     load_s = time.perf_counter() - t_load
     trainable, total = models.count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = models.make_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay)
     model, optimizer = acc.prepare(model, optimizer)
 
     # ---- schedule: everything derived from the recipe, printed before the first step --------------
@@ -98,7 +106,7 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup = round(cfg.warmup_ratio * total_steps)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    scheduler = get_scheduler(_SCHEDULERS[cfg.scheduler], optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     say(
         f"model {ref} ({load_s:.1f}s) | LoRA r={recipe.lora.r} on {recipe.lora.target_modules}: "
         f"{trainable:,} trainable of {total:,} params ({100 * trainable / total:.2f}%)"
@@ -113,7 +121,7 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
     )
 
     # ---- a new run directory, or the state of the one being resumed --------------------------------
-    start, tokens_seen, skipped, eval_before = 0, 0, 0, None
+    start, tokens_seen, skipped, eval_before, best, waited = 0, 0, 0, None, float("inf"), 0
     if ckpt is None:
         if acc.is_main_process:
             start_run_dir(run_dir, recipe)
@@ -123,6 +131,7 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
         resume_from.check_same_data(state["data_fingerprint"], data_fingerprint, force_resume, say)
         scheduler.load_state_dict(state["scheduler"])
         start, tokens_seen, skipped, eval_before = state["step"], state["tokens"], state["skipped_steps"], state["eval_loss_before"]
+        best, waited = state["best_eval_loss"], state["evals_without_improvement"]
         say(f"resuming {run_dir} from {ckpt.name} (step {start} of {total_steps})")
     for warning in data.manifest.get("warnings", []):
         say(f"[yellow]warning:[/] {warning}")
@@ -137,6 +146,7 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
     def save(step: int) -> Path:
         state = {"step": step, "epoch": step // steps_per_epoch, "offset_in_epoch": step % steps_per_epoch,
                  "tokens": tokens_seen, "skipped_steps": skipped, "eval_loss_before": eval_before,
+                 "best_eval_loss": best, "evals_without_improvement": waited,
                  "scheduler": scheduler.state_dict(), "data_fingerprint": data_fingerprint}
         return checkpoint.save(run_dir / "checkpoints", step, acc.unwrap_model(model), optimizer, state, cfg.keep_last, acc)
 
@@ -147,8 +157,9 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
 
     # ---- the loop: step s reads micro-batches [k*accum, (k+1)*accum) of epoch s // steps_per_epoch ----
     started = time.perf_counter()
-    loss, bad, orders = float("nan"), 0, {}
-    with resume_from.StopSignals() as stop, TrainProgress(total_steps, console, cfg.log_every, acc.is_main_process) as progress:
+    loss, bad, orders, last = float("nan"), 0, {}, total_steps
+    extra = (getattr(signal, f"SIG{save_on_signal.upper().removeprefix('SIG')}"),) if save_on_signal else ()
+    with resume_from.StopSignals(extra) as stop, TrainProgress(total_steps, console, cfg.log_every, acc.is_main_process) as progress:
         for step in range(start, total_steps):
             epoch, k = divmod(step, steps_per_epoch)
             if epoch not in orders:  # the order depends only on (seed, epoch): resume lands on the same batches
@@ -203,7 +214,15 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
                     f"stopping. The adapter was never updated by them: checkpoint {path}. Lower train.lr, check the data, "
                     "or use float32."
                 )
-            if stop.requested or (cfg.save_every and (done % cfg.save_every == 0 or done == total_steps)):
+            # Evaluate before saving, so a checkpoint carries the early-stopping state of its own step.
+            if cfg.eval_every and done % cfg.eval_every == 0 and done < total_steps:
+                held = evaluate(done)
+                # "Improved" means lower by more than 1e-4: float noise must not reset the patience.
+                best, waited = (held, 0) if held < best - 1e-4 else (best, waited + 1)
+                if cfg.early_stopping_patience and waited >= cfg.early_stopping_patience:
+                    say(f"early stop at step {done}: no lower held-out loss in {waited} evaluations (best {best:.4f})")
+                    last = done
+            if stop.requested or (cfg.save_every and (done % cfg.save_every == 0 or done in (total_steps, last))):
                 path = save(done)
                 if stop.requested:
                     metrics.close()
@@ -211,16 +230,17 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
                         f"stopped by {signal.Signals(stop.requested).name} at step {done}; checkpoint {path} is complete. "
                         f"Continue with: llamatune train RECIPE --resume auto --run-dir {run_dir}"
                     )
-            if cfg.eval_every and done % cfg.eval_every == 0 and done < total_steps:
-                evaluate(done)
+            if done == last:
+                break
     train_s = time.perf_counter() - started
-    eval_after = evaluate(total_steps)
+    eval_after = evaluate(last)
 
     # ---- artifacts -----------------------------------------------------------------------------
     summary = {
         "run_dir": str(run_dir.resolve()),
         "base_model": ref,
-        "steps": total_steps,
+        "steps": last,
+        "planned_steps": total_steps,
         "resumed_from_step": start or None,
         "skipped_steps": skipped,
         "tokens": tokens_seen,

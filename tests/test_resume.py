@@ -100,18 +100,19 @@ def test_kill_while_checkpointing_resumes_from_newest_complete(reference, tmp_pa
     assert final == ["step-00000011", "step-00000012"]  # retention: keep_last 2, no staging leftovers
 
 
-def test_sigterm_saves_a_checkpoint_exits_75_and_resumes_exactly(reference, tmp_path):
+@pytest.mark.parametrize("sig,extra", [(signal.SIGTERM, []), (signal.SIGINT, []), (signal.SIGUSR1, ["--save-on-signal", "USR1"])],
+                         ids=["SIGTERM", "SIGINT", "SIGUSR1-slurm"])
+def test_signal_saves_a_checkpoint_exits_75_and_resumes_exactly(reference, tmp_path, sig, extra):
     recipe, ref = reference
-    proc = cli(recipe, tmp_path / "run", "--set", "train.save_every=100", wait=False)
+    proc = cli(recipe, tmp_path / "run", "--set", "train.save_every=100", *extra, wait=False)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 60
     while time.time() < deadline and not (metrics.exists() and '"loss"' in metrics.read_text()):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == EXIT_PREEMPTED, out
-    last = out.strip().splitlines()[-1]
-    assert "stopped by SIGTERM at step" in out and "--resume auto" in out, last
+    assert f"stopped by {sig.name} at step" in out and "--resume auto" in out, out[-500:]
     saved = [p for p in (tmp_path / "run" / "checkpoints").iterdir()]
     assert len(saved) == 1 and (saved[0] / "manifest.json").is_file()
     resumed = cli(recipe, tmp_path / "run", "--resume", "auto", "--set", "train.save_every=100")
