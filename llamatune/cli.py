@@ -135,11 +135,20 @@ def train(
 def validate(
     recipe: Path = RecipeArg,
     overrides: Optional[List[str]] = SetOpt,
+    launch: Optional[Path] = typer.Option(None, "--launch", help="An accelerate config file (examples/accelerate/): "
+                                          "also reject recipe/launch combinations known not to work."),
 ) -> None:
     """Check RECIPE (schema, files, model reference) without loading any weights."""
 
     def body() -> None:
         parsed, kind = _load_checked(recipe, overrides)
+        if launch is not None:
+            from llamatune.errors import RecipeError
+            from llamatune.launch import launch_problems, read_launch_config
+
+            problems = launch_problems(parsed, read_launch_config(launch))
+            if problems:
+                raise RecipeError(problems, source=f"{recipe} with {launch}")
         sources = ", ".join(f"{s.path} ({s.format})" for s in parsed.data.train)
         out.print(f"[green]ok[/] {recipe}: model {parsed.model.path} ({kind}); train {sources}")
 

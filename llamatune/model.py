@@ -72,8 +72,13 @@ def load_tokenizer(ref: str, revision: str | None = None, trust_remote_code: boo
     return tokenizer
 
 
-def load_base(ref: str, spec: ModelSpec, quant: QuantizationSpec, device_map=None):
-    """Loads the frozen base model, quantized with bitsandbytes when `quant.mode` is nf4 or int8."""
+def load_base(ref: str, spec: ModelSpec, quant: QuantizationSpec, device_map=None, sharded: bool = False):
+    """Loads the frozen base model, quantized with bitsandbytes when `quant.mode` is nf4 or int8.
+
+    Args:
+        sharded: FSDP will shard the model: 4-bit weights are then stored in the compute dtype, the
+            only way FSDP can flatten them together with the other parameters.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -81,8 +86,9 @@ def load_base(ref: str, spec: ModelSpec, quant: QuantizationSpec, device_map=Non
     kwargs: dict = {"dtype": getattr(torch, spec.dtype), "revision": spec.revision, "use_safetensors": True,
                     "trust_remote_code": spec.trust_remote_code}
     if quant.mode != "none":
-        kwargs["quantization_config"] = _bnb_config(quant)
-        kwargs["device_map"] = device_map or ({"": 0} if torch.cuda.is_available() else {"": "cpu"})
+        kwargs["quantization_config"] = _bnb_config(quant, sharded)
+        if not sharded:  # FSDP places the shards itself
+            kwargs["device_map"] = device_map or ({"": 0} if torch.cuda.is_available() else {"": "cpu"})
     try:
         model = AutoModelForCausalLM.from_pretrained(ref, **kwargs)
     except OSError as exc:
@@ -110,7 +116,7 @@ def _disable_cpu_inference_packing(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def _bnb_config(quant: QuantizationSpec):
+def _bnb_config(quant: QuantizationSpec, sharded: bool = False):
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -120,6 +126,7 @@ def _bnb_config(quant: QuantizationSpec):
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=quant.double_quant,
             bnb_4bit_compute_dtype=getattr(torch, quant.compute_dtype),
+            bnb_4bit_quant_storage=getattr(torch, quant.compute_dtype) if sharded else torch.uint8,
         )
     return BitsAndBytesConfig(load_in_8bit=True)
 

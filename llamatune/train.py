@@ -91,7 +91,8 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
     # ---- model ---------------------------------------------------------------------------------
     t_load = time.perf_counter()
     quantized = recipe.quantization.mode != "none"
-    base = models.load_base(ref, recipe.model, recipe.quantization, device_map={"": str(acc.device)})
+    sharded = acc.distributed_type.name == "FSDP"  # not testable without GPUs: see README, multi-GPU
+    base = models.load_base(ref, recipe.model, recipe.quantization, device_map={"": str(acc.device)}, sharded=sharded)
     model = models.apply_lora(base, recipe.lora, quantized, cfg.gradient_checkpointing)
     load_s = time.perf_counter() - t_load
     trainable, total = models.count_parameters(model)
