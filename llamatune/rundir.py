@@ -7,6 +7,9 @@
       metrics.jsonl   one JSON object per logged step / evaluation
       data_manifest.json  sources with sha256, record/example counts, drops by reason, split, overlap
       summary.json    steps, tokens, tokens/s, wall time, held-out loss before/after, versions
+      loss.png        train and held-out loss curves
+      checkpoints/    step-N/ folders (train.save_every), written atomically; see checkpoint.py
+      tensorboard/    event files, when train.tensorboard is on
 """
 
 from __future__ import annotations
@@ -49,19 +52,39 @@ def start_run_dir(path: Path, recipe: Recipe) -> None:
 
 
 class MetricsLog:
-    """Appends one JSON object per line to metrics.jsonl (flushed, so a crash keeps what was logged)."""
+    """Appends one JSON object per line to metrics.jsonl (flushed, so a crash keeps what was logged),
+    and mirrors the numbers to TensorBoard when asked.
 
-    def __init__(self, path: Path | None):
+    Args:
+        path: metrics.jsonl, or None on processes that do not write.
+        tensorboard: Folder for TensorBoard event files, or None.
+    """
+
+    def __init__(self, path: Path | None, tensorboard: Path | None = None):
         self._file = open(path, "a", encoding="utf-8") if path is not None else None
+        self._tb = None
+        if path is not None and tensorboard is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise RecipeError(["train.tensorboard: the tensorboard package is not installed; "
+                                   "pip install 'llamatune[tensorboard]' or set train.tensorboard: false"]) from None
+            self._tb = SummaryWriter(str(tensorboard))
 
     def write(self, **record) -> None:
         if self._file is not None:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, record["step"])
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+        if self._tb is not None:
+            self._tb.close()
 
 
 def write_manifest(path: Path, manifest: dict) -> None:

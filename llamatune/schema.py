@@ -204,6 +204,7 @@ class TrainSpec(_Spec):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: much less memory, ~30% slower.")
     early_stopping_patience: int | None = Field(None, ge=1, description="Stop after this many evaluations (eval_every) "
                                                 "without a held-out loss lower than the best by more than 1e-4.")
+    tensorboard: bool = Field(False, description="Also log metrics to <run>/tensorboard (pip install 'llamatune[tensorboard]').")
     save_every: int | None = Field(None, ge=1, description="Write a checkpoint every N steps (also on SIGTERM/SIGINT "
                                    "and at the end); resume with --resume auto.")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept; older ones are deleted once a newer one is complete.")

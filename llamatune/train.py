@@ -19,6 +19,7 @@ from llamatune import resume as resume_from
 from llamatune.data.pipeline import build_datasets, fingerprint
 from llamatune.data.batches import collate, epoch_order, eval_order
 from llamatune.data.encode import IGNORE_INDEX
+from llamatune.plot import write_loss_curve
 from llamatune.progress import TrainProgress
 from llamatune.recipe import Recipe
 from llamatune.errors import LlamatuneError, RecipeError
@@ -136,7 +137,8 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
         say(f"resuming {run_dir} from {ckpt.name} (step {start} of {total_steps})")
     for warning in data.manifest.get("warnings", []):
         say(f"[yellow]warning:[/] {warning}")
-    metrics = MetricsLog(run_dir / "metrics.jsonl" if acc.is_main_process else None)
+    metrics = MetricsLog(run_dir / "metrics.jsonl" if acc.is_main_process else None,
+                         run_dir / "tensorboard" if cfg.tensorboard else None)
 
     def evaluate(step: int) -> float:
         loss = _held_out_loss(model, data.eval, cfg.micro_batch_size, tokenizer.pad_token_id, acc)
@@ -263,6 +265,8 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
         tokenizer.save_pretrained(run_dir / "tokenizer")
         write_summary(run_dir, summary)
     metrics.close()
+    if acc.is_main_process:
+        write_loss_curve(run_dir)
     say(f"[bold green]done[/] run directory: {run_dir}  held-out loss {eval_before:.4f} → {eval_after:.4f}")
     return TrainResult(summary=summary, model=acc.unwrap_model(model))
 

@@ -76,3 +76,14 @@ def test_tokens_in_the_environment_never_reach_the_run_directory(tiny_recipe, tm
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
     assert secret not in capsys.readouterr().out
+
+
+def test_tensorboard_mirrors_metrics(tiny_recipe, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(load_recipe(tiny_recipe, FIXED + ["train.tensorboard=true"]), "t", run_dir=tmp_path / "tb")
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
+    assert [e.step for e in events.Scalars("eval_loss")] == [0, 4]

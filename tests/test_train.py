@@ -11,7 +11,7 @@ from llamatune.cli import app
 from llamatune.recipe import load_recipe
 from llamatune.train import _summed_loss, train
 
-RUN_FILES = {"recipe.yaml", "adapter", "tokenizer", "metrics.jsonl", "summary.json", "data_manifest.json"}
+RUN_FILES = {"recipe.yaml", "adapter", "tokenizer", "metrics.jsonl", "summary.json", "data_manifest.json", "loss.png"}
 
 
 def test_cli_train_writes_exactly_the_run_directory(tiny_recipe):
@@ -21,6 +21,7 @@ def test_cli_train_writes_exactly_the_run_directory(tiny_recipe):
     assert {p.name for p in run.iterdir()} == RUN_FILES
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (run / "adapter").iterdir()}
     assert (run / "tokenizer" / "tokenizer_config.json").is_file()
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["tokens"] > 0 and summary["versions"]["torch"] == torch.__version__
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
