@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import signal
@@ -21,7 +22,7 @@ from llamatune.data.batches import collate, epoch_order, eval_order
 from llamatune.data.encode import IGNORE_INDEX
 from llamatune.plot import write_loss_curve
 from llamatune.progress import TrainProgress
-from llamatune.recipe import Recipe
+from llamatune.recipe import Recipe, recipe_to_yaml
 from llamatune.errors import LlamatuneError, RecipeError
 from llamatune.rundir import MetricsLog, start_run_dir, write_manifest, write_summary
 
@@ -88,6 +89,7 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
     tokenizer = models.load_tokenizer(ref, recipe.model.revision, recipe.model.trust_remote_code)
     data = build_datasets(recipe.data, tokenizer, cfg.seed)
     data_fingerprint = fingerprint(data.manifest)
+    recipe_sha = hashlib.sha256(recipe_to_yaml(recipe).encode()).hexdigest()
 
     # ---- model ---------------------------------------------------------------------------------
     t_load = time.perf_counter()
@@ -147,7 +149,8 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
         return loss
 
     def save(step: int) -> Path:
-        state = {"step": step, "epoch": step // steps_per_epoch, "offset_in_epoch": step % steps_per_epoch,
+        state = {"step": step, "micro_step": step * cfg.grad_accum, "epoch": step // steps_per_epoch,
+                 "offset_in_epoch": step % steps_per_epoch, "seed": cfg.seed, "recipe_sha256": recipe_sha,
                  "tokens": tokens_seen, "skipped_steps": skipped, "eval_loss_before": eval_before,
                  "best_eval_loss": best, "evals_without_improvement": waited,
                  "scheduler": scheduler.state_dict(), "data_fingerprint": data_fingerprint}

@@ -155,3 +155,19 @@ def test_resume_auto_without_a_run_name_is_exit_2(reference, tmp_path):
     recipe, _ = reference
     with pytest.raises(RecipeError, match="--resume auto needs to know the run"):
         train(load_recipe(recipe, SETTINGS), "r", resume="auto")
+
+
+def test_second_signal_exits_at_once_without_a_visible_partial_checkpoint(reference, tmp_path):
+    recipe, _ = reference
+    proc = cli(recipe, tmp_path / "run", "--set", "train.save_every=100", wait=False)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (metrics.exists() and '"loss"' in metrics.read_text()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode in (128 + signal.SIGTERM, EXIT_PREEMPTED), out  # at once, or the save had already finished
+    folder = tmp_path / "run" / "checkpoints"
+    visible = [p for p in folder.iterdir() if not p.name.startswith(".")] if folder.exists() else []
+    assert all((p / "manifest.json").is_file() for p in visible)
