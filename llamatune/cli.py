@@ -166,6 +166,34 @@ def schema() -> None:
         out.print(f"[bold]{key}[/]  [dim]{escape(f'{type_name} = {default}')}[/]\n    {escape(description)}", highlight=False)
 
 
+@app.command("eval")
+def eval_command(
+    target: Path = typer.Argument(..., help="A run directory, a merged model folder, or a .gguf file.", show_default=False),
+    data: Optional[List[str]] = typer.Option(None, "--data", help="A recipe file (its held-out data) or, for a run, a "
+                                             "data file read like its training data. Default: the run's held-out data."),
+    compare: Optional[str] = typer.Option(None, "--compare", help="'base': also score the base model (adapter off) "
+                                          "on the same examples and report the difference."),
+    generate: bool = typer.Option(True, "--generate/--no-generate", help="Generate answers for open questions (EM, F1, ROUGE-L)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N examples."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Report folder (default: RUN/eval)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Generation length limit."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Examples per forward pass."),
+) -> None:
+    """Score held-out data: answer loss and perplexity, choice accuracy, generation metrics, with 95% intervals."""
+
+    def body() -> None:
+        if compare not in (None, "base"):
+            from llamatune.errors import RecipeError
+
+            raise RecipeError([f"--compare: {compare!r} is not supported; use --compare base"])
+        _quiet_libraries()
+        from llamatune.evaluation import run_eval
+
+        run_eval(target, data or [], compare == "base", generate, limit, out_dir, max_new_tokens, batch_size, out)
+
+    _run(body)
+
+
 @data_app.command("check")
 def data_check(recipe: Path = RecipeArg, overrides: Optional[List[str]] = SetOpt) -> None:
     """Read, render and tokenize RECIPE's data; report counts, drops by reason, duplicates and overlap."""

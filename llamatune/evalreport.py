@@ -1,0 +1,106 @@
+"""Turn per-example scores into metrics with 95% intervals, a terminal table and the report files
+eval.json, eval.md and samples.jsonl."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from llamatune.metrics import bootstrap_ci
+
+# metric -> (per-example key, weighted by answer tokens?, higher is better?)
+METRICS = {
+    "loss": ("loss", True, False),
+    "accuracy": ("accuracy", False, True),
+    "accuracy_norm": ("accuracy_norm", False, True),
+    "exact_match": ("exact_match", False, True),
+    "f1": ("f1", False, True),
+    "rouge_l": ("rouge_l", False, True),
+}
+
+
+def summarize(tuned: list[dict], base: list[dict] | None) -> dict:
+    """Every metric the scores support: {name: {"tuned": [est, lo, hi], "base": ..., "delta": ...}}.
+
+    Loss is token-weighted (each example counts by its answer tokens); perplexity is exp(loss).
+    Deltas are tuned - base from a paired bootstrap over the same resampled examples.
+    """
+    out: dict = {}
+    for name, (key, weighted, _) in METRICS.items():
+        rows = [i for i, r in enumerate(tuned) if key in r or (key == "loss" and r["tokens"])]
+        if not rows:
+            continue
+
+        def values(scores):
+            if key == "loss":
+                return [scores[i]["loss_sum"] / scores[i]["tokens"] for i in rows]
+            return [scores[i][key] for i in rows]
+
+        weights = [tuned[i]["tokens"] for i in rows] if weighted else None
+        entry = {"n": len(rows), "tuned": list(bootstrap_ci(values(tuned), weights))}
+        if base is not None:
+            entry["base"] = list(bootstrap_ci(values(base), weights))
+            entry["delta"] = list(bootstrap_ci(values(tuned), weights, paired=values(base)))
+        out[name] = entry
+        if name == "loss":
+            out["perplexity"] = {k: [math.exp(x) for x in v] for k, v in entry.items() if k in ("tuned", "base")}
+            out["perplexity"]["n"] = entry["n"]
+    return out
+
+
+def show(summary: dict, console: Console) -> None:
+    """The metric table: base, tuned, Δ with 95% intervals."""
+    compare = any("base" in v for v in summary.values())
+    table = Table(title="held-out evaluation (95% bootstrap intervals)")
+    for column in ["metric", "n"] + (["base"] if compare else []) + ["tuned"] + (["Δ tuned − base"] if compare else []):
+        table.add_column(column, justify="right" if column != "metric" else "left")
+    for name, v in summary.items():
+        cells = [name, str(v["n"])]
+        if compare:
+            cells.append(_fmt(v.get("base")))
+        cells.append(_fmt(v["tuned"]))
+        if compare:
+            cells.append(_fmt(v.get("delta"), signed=True))
+        table.add_row(*cells)
+    console.print(table)
+
+
+def _fmt(triple, signed: bool = False) -> str:
+    if not triple:
+        return "–"
+    est, low, high = triple
+    sign = "+" if signed else ""
+    return f"{est:{sign}.4f} [{low:{sign}.4f}, {high:{sign}.4f}]"
+
+
+def write(out_dir: Path, summary: dict, header: dict, samples: list[dict]) -> None:
+    """Writes eval.json, eval.md and samples.jsonl into out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "eval.json").write_text(json.dumps({**header, "metrics": summary}, indent=2) + "\n")
+    (out_dir / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    lines = [f"# Evaluation of {header['target']}", "", f"{header['examples']} held-out examples; 95% bootstrap intervals.", "",
+             "| metric | n | base | tuned | Δ tuned − base |", "|---|---|---|---|---|"]
+    for name, v in summary.items():
+        lines.append(f"| {name} | {v['n']} | {_fmt(v.get('base'))} | {_fmt(v['tuned'])} | {_fmt(v.get('delta'), signed=True)} |")
+    if any("base" in s for s in samples):
+        delta = lambda s: s["tuned"]["loss"] - s["base"]["loss"]  # noqa: E731
+        helped = sorted((s for s in samples if delta(s) < 0), key=delta)[:10]
+        hurt = sorted((s for s in samples if delta(s) > 0), key=delta, reverse=True)[:10]
+        for title, picked in (("helped most", helped), ("hurt most", hurt)):
+            lines += ["", f"## Where the adapter {title} (answer loss, base → tuned)", ""]
+            if not picked:
+                lines.append("- none")
+            for s in picked:
+                lines.append(f"- {s['base']['loss']:.3f} → {s['tuned']['loss']:.3f}: …{_short(s['prompt'][-200:])} "
+                             f"— reference: {_short(s['reference'])}"
+                             + (f" — tuned: {_short(s['tuned']['output'])}" if s['tuned'].get('output') is not None else ""))
+    (out_dir / "eval.md").write_text("\n".join(lines) + "\n")
+
+
+def _short(text: str, n: int = 160) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 1] + "…"

@@ -1,0 +1,255 @@
+"""`llamatune eval`: score held-out data with the tuned model and, on the same loaded model with the
+adapter switched off, with its base; per-example scores feed bootstrap intervals.
+
+Per example: answer-only loss (prompt tokens excluded); for classification / multiple choice the
+log-likelihood of every choice (accuracy, and a per-token length-normalized variant); with
+generation, greedy answers scored by exact match, token F1 and ROUGE-L.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from llamatune import model as models
+from llamatune.data.batches import collate, unpacked
+from llamatune.data.encode import IGNORE_INDEX, Example
+from llamatune.errors import RecipeError
+from llamatune.metrics import exact_match, rouge_l, token_f1
+
+
+@dataclass
+class Target:
+    """What is evaluated: a model (with a switchable adapter for a run), its tokenizer, and where it came from."""
+
+    model: Any
+    tokenizer: Any
+    has_adapter: bool
+    name: str
+    recipe: Any = None  # the run's resolved recipe, when the target is a run directory
+
+
+def load_target(path: Path, say: Callable[[str], None] = print) -> Target:
+    """Loads a run directory (base + adapter, the training tokenizer), a merged model folder, or a .gguf file.
+
+    Raises:
+        RecipeError: If the path is none of these.
+    """
+    from transformers import AutoTokenizer
+
+    from llamatune.recipe import load_recipe
+    from llamatune.schema import ModelSpec, QuantizationSpec
+
+    if (path / "recipe.yaml").is_file() and (path / "adapter" / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        recipe = load_recipe(path / "recipe.yaml")
+        ref = models.resolve(recipe.model, say)
+        base = models.load_base(ref, recipe.model, recipe.quantization)
+        model = PeftModel.from_pretrained(base, path / "adapter").eval()
+        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+        return Target(model, _padded(tokenizer), True, str(path), recipe)
+    if path.suffix == ".gguf" or (path / "config.json").is_file():
+        spec = ModelSpec(path=str(path))
+        ref = models.resolve(spec, say)
+        model = models.load_base(ref, spec, QuantizationSpec()).eval()
+        return Target(model, models.load_tokenizer(ref), False, str(path))
+    raise RecipeError([f"{path}: not a run directory (recipe.yaml + adapter/), a model folder (config.json) or a .gguf file"])
+
+
+def _padded(tokenizer):
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def eval_examples(target: Target, data: list[str], limit: int | None, seed: int = 42) -> tuple[list[Example], dict]:
+    """Held-out examples through the training pipeline: the run's own held-out data by default, or
+    each --data entry (a recipe file: its held-out data; a data file: read like the run's first source).
+
+    Returns:
+        (examples, the data manifests by entry)
+    """
+    from llamatune.data.pipeline import build_datasets
+    from llamatune.recipe import load_recipe
+
+    if not data and target.recipe is None:
+        raise RecipeError(["--data is required for a model folder or .gguf file: give a recipe file (its held-out data)"])
+    specs = []
+    for entry in data or [None]:
+        if entry is None:
+            specs.append(("run held-out data", target.recipe.data))
+        elif entry.endswith((".yaml", ".yml")):
+            specs.append((entry, load_recipe(entry).data))
+        elif target.recipe is None:
+            raise RecipeError([f"--data {entry}: a data file needs a run directory (its recipe says how to read it); "
+                               "give a recipe file instead"])
+        else:
+            source = target.recipe.data.train[0].model_copy(update={"path": str(Path(entry).resolve()), "weight": 1.0})
+            spec = target.recipe.data.model_copy(update={"train": (source,), "eval": (source,), "eval_fraction": None,
+                                                         "max_overlap": 1.0, "dedup": False})
+            specs.append((entry, spec))
+    examples, manifests = [], {}
+    for name, spec in specs:
+        # Unpacked, so every example is scored on its own.
+        built = build_datasets(spec.model_copy(update={"packing": False}), target.tokenizer, seed)
+        examples += [row[0] for row in built.eval]
+        manifests[name] = built.manifest
+    return examples[:limit] if limit else examples, manifests
+
+
+def score(target: Target, examples: list[Example], adapter: bool, generate: bool, max_new_tokens: int,
+          batch_size: int = 8, progress: Callable[[int], None] = lambda n: None) -> list[dict]:
+    """Per-example scores with the adapter on (tuned) or off (base)."""
+    import torch
+
+    model, tok = target.model, target.tokenizer
+    switch = nullcontext() if adapter or not target.has_adapter else model.disable_adapter()
+    out: list[dict] = []
+    with torch.no_grad(), switch:
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            losses = _row_losses(model, collate(unpacked(chunk), tok.pad_token_id))
+            texts = _generate(model, tok, chunk, max_new_tokens) if generate else [None] * len(chunk)
+            for example, (loss_sum, n), text in zip(chunk, losses, texts):
+                record: dict = {"loss_sum": loss_sum, "tokens": n}
+                if example.choices:
+                    record.update(_choice_scores(model, tok, example))
+                elif text is not None:
+                    reference = reference_text(tok, example)
+                    record.update(prediction=text, exact_match=exact_match(text, reference),
+                                  f1=token_f1(text, reference), rouge_l=rouge_l(text, reference))
+                out.append(record)
+            progress(len(chunk))
+    return out
+
+
+def prompt_ids(example: Example) -> list[int]:
+    """Tokens before the first trained one: what the model sees at inference."""
+    first = next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
+    return list(example.input_ids[:first])
+
+
+def reference_text(tokenizer, example: Example) -> str:
+    """The trained answer as text, without the template's end-of-turn tokens."""
+    return tokenizer.decode([t for t in example.labels if t != IGNORE_INDEX], skip_special_tokens=True).strip()
+
+
+def _row_losses(model, batch: dict) -> list[tuple[float, int]]:
+    """Summed answer-token cross-entropy and answer-token count of every row. Shapes: logits [B, T, V]."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"]).logits.float()
+    targets = batch["labels"][:, 1:]
+    per_token = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+    mask = targets != IGNORE_INDEX
+    return [(float(per_token[r][mask[r]].sum()), int(mask[r].sum())) for r in range(len(targets))]
+
+
+def _choice_scores(model, tok, example: Example) -> dict:
+    """Log-likelihood of every choice as the answer; the gold one is the choice the example trains."""
+    import torch
+
+    trained = tok.decode([t for t in example.labels if t != IGNORE_INDEX])
+    gold = max((c for c in example.choices if trained.startswith(c)), key=len)
+    suffix = trained[len(gold):]  # the template's end of turn, e.g. "<|im_end|>\n"
+    prompt = prompt_ids(example)
+    scores, lengths = [], []
+    for choice in example.choices:
+        completion = tok(choice + suffix, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt + completion])
+        logprobs = model(input_ids=ids).logits.float()[0, :-1].log_softmax(-1)
+        picked = logprobs[torch.arange(len(prompt) - 1, ids.shape[1] - 1), torch.tensor(completion)]
+        scores.append(float(picked.sum()))
+        lengths.append(len(completion))
+    best = max(range(len(scores)), key=scores.__getitem__)
+    best_norm = max(range(len(scores)), key=lambda i: scores[i] / lengths[i])
+    return {"gold": gold, "predicted": example.choices[best], "accuracy": float(example.choices[best] == gold),
+            "accuracy_norm": float(example.choices[best_norm] == gold), "choice_logprobs": scores}
+
+
+def _generate(model, tok, examples: list[Example], max_new_tokens: int) -> list[str | None]:
+    """Greedy answers for the examples without a closed answer set, batched with left padding."""
+    import torch
+
+    wanted = [i for i, e in enumerate(examples) if not e.choices]
+    texts: list[str | None] = [None] * len(examples)
+    if not wanted:
+        return texts
+    prompts = [prompt_ids(examples[i]) for i in wanted]
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
+        ids[r, width - len(p):] = torch.tensor(p)
+        mask[r, width - len(p):] = 1
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, use_cache=True)
+    for r, i in enumerate(wanted):
+        texts[i] = tok.decode(out[r, width:], skip_special_tokens=True).strip()
+    return texts
+
+
+def run_eval(path: Path, data: list[str], compare_base: bool, generate: bool, limit: int | None, out_dir: Path | None,
+             max_new_tokens: int, batch_size: int, console) -> dict:
+    """The whole `llamatune eval`: load, read data, score tuned (and base), report. Returns the summary."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from llamatune import evalreport
+
+    target = load_target(path, say=console.print)
+    if compare_base and not target.has_adapter:
+        raise RecipeError([f"--compare base needs a run directory (an adapter to switch off); {path} is a plain model"])
+    examples, manifests = eval_examples(target, data, limit)
+    if not examples:
+        raise RecipeError(["no held-out examples to evaluate"])
+    leaked = _overlap_with_training(target, examples)
+    if leaked:
+        console.print(f"[yellow]warning:[/] {leaked} of {len(examples)} evaluation examples also occur in this run's "
+                      "training data; their scores say little about generalisation")
+    passes = [("tuned", True)] + ([("base", False)] if compare_base else [])
+    scores = {}
+    columns = (TextColumn("[bold]eval {task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
+        for name, adapter in passes:
+            task = bar.add_task(name, total=len(examples))
+            scores[name] = score(target, examples, adapter, generate, max_new_tokens, batch_size,
+                                 progress=lambda n, t=task: bar.advance(t, n))
+    summary = evalreport.summarize(scores["tuned"], scores.get("base"))
+    evalreport.show(summary, console)
+    samples = []
+    for i, example in enumerate(examples):
+        sample = {"prompt": target.tokenizer.decode(prompt_ids(example)), "reference": reference_text(target.tokenizer, example)}
+        for name in scores:
+            s = scores[name][i]
+            sample[name] = {"loss": s["loss_sum"] / max(s["tokens"], 1), "output": s.get("prediction", s.get("predicted")),
+                            **{k: s[k] for k in ("accuracy", "exact_match", "f1", "rouge_l") if k in s}}
+        samples.append(sample)
+    fingerprints = {name: _fingerprint(m) for name, m in manifests.items()}
+    header = {"target": str(path), "examples": len(examples), "compare_base": compare_base, "generate": generate,
+              "max_new_tokens": max_new_tokens, "data_fingerprints": fingerprints, "overlap_with_training": leaked}
+    out_dir = out_dir or (path / "eval" if target.has_adapter else Path("eval") / path.stem)
+    evalreport.write(out_dir, summary, header, samples)
+    console.print(f"reports: {out_dir}/eval.json, eval.md, samples.jsonl")
+    return summary
+
+
+def _fingerprint(manifest: dict) -> str:
+    from llamatune.data.pipeline import fingerprint
+
+    return fingerprint(manifest)
+
+
+def _overlap_with_training(target: Target, examples: list[Example]) -> int:
+    """Evaluation examples whose tokens equal a training example of the run (0 for a plain model)."""
+    if target.recipe is None:
+        return 0
+    from llamatune.data.pipeline import build_datasets
+
+    spec = target.recipe.data.model_copy(update={"packing": False})
+    train = build_datasets(spec, target.tokenizer, target.recipe.train.seed).train
+    seen = {row[0].input_ids for row in train}
+    return sum(e.input_ids in seen for e in examples)

@@ -1,0 +1,113 @@
+"""`llamatune eval` against independent computations, and base vs tuned on one loaded model."""
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import write_jsonl
+from llamatune.cli import app
+from llamatune.data.encode import encode
+from llamatune.evaluation import load_target, score
+from llamatune.metrics import bootstrap_ci, exact_match, rouge_l, token_f1
+from llamatune.recipe import load_recipe
+from llamatune.train import train
+
+
+def test_exact_match_and_f1_on_hand_made_pairs():
+    assert exact_match("The Aorta.", "aorta") == 1.0 and exact_match("left aorta", "aorta") == 0.0
+    assert token_f1("the cat sat", "a cat sat down") == pytest.approx(2 * (2 / 2) * (2 / 3) / (2 / 2 + 2 / 3))
+    assert token_f1("", "") == 1.0 and token_f1("x", "") == 0.0 and token_f1("dog", "cat") == 0.0
+    assert rouge_l("the cat is on the mat", "the cat sat on the mat") == pytest.approx(5 / 6)
+
+
+def test_bootstrap_interval_contains_the_estimate_and_pairs_differences():
+    est, low, high = bootstrap_ci([0, 1, 1, 1, 0, 1, 1, 0, 1, 1])
+    assert est == 0.7 and low <= est <= high and high - low > 0.1
+    same = bootstrap_ci([1.0, 2.0, 3.0], paired=[1.0, 2.0, 3.0])
+    assert same == (0.0, 0.0, 0.0)
+    weighted, _, _ = bootstrap_ci([1.0, 3.0], weights=[3, 1])
+    assert weighted == pytest.approx(1.5)
+
+
+def test_loss_and_perplexity_equal_a_manual_sum_of_token_logprobs(tiny_model_dir):
+    target = load_target(tiny_model_dir)
+    example = encode(target.tokenizer, "What is a fever?", "A high temperature.")
+    [record] = score(target, [example], adapter=False, generate=False, max_new_tokens=1)
+    ids = torch.tensor([example.input_ids])
+    with torch.no_grad():
+        logprobs = target.model(input_ids=ids).logits[0].log_softmax(-1)
+    manual = -sum(float(logprobs[t - 1, ids[0, t]]) for t, label in enumerate(example.labels) if label != -100 and t > 0)
+    n = sum(1 for t, label in enumerate(example.labels) if label != -100 and t > 0)
+    assert record["tokens"] == n
+    assert record["loss_sum"] == pytest.approx(manual, rel=1e-5)
+    assert math.exp(record["loss_sum"] / n) == pytest.approx(math.exp(manual / n), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def fixed_answer_run(tmp_path_factory, tiny_model_dir):
+    """An adapter trained to answer 'Yes' to every question (classification with labels Yes / No)."""
+    folder = tmp_path_factory.mktemp("fixed")
+    rows = [{"text": f"Statement number {i} about a contract clause.", "label": "Yes"} for i in range(40)]
+    write_jsonl(folder / "train.jsonl", rows)
+    write_jsonl(folder / "eval.jsonl", [{"text": f"Another clause {i} to classify.", "label": "Yes"} for i in range(12)])
+    source = "format: classification\n    prompt: '{text}'\n    answer: '{label}'\n    labels: ['Yes', 'No']"
+    recipe = folder / "r.yaml"
+    recipe.write_text(f"model:\n  path: {tiny_model_dir}\nlora:\n  r: 8\n  dropout: 0.0\ndata:\n  train:\n    path: train.jsonl\n"
+                      f"    {source}\n  eval:\n    path: eval.jsonl\n    {source}\n  max_overlap: 1.0\n"
+                      "train:\n  lr: 2.0e-2\n  max_steps: 30\n  micro_batch_size: 8\n  warmup_ratio: 0.0\n")
+    train(load_recipe(recipe), "fixed", run_dir=folder / "run")
+    return folder / "run"
+
+
+def test_compare_base_shows_a_large_positive_delta_for_a_trained_fixed_answer(fixed_answer_run, tmp_path):
+    result = CliRunner().invoke(app, ["eval", str(fixed_answer_run), "--compare", "base", "--out", str(tmp_path / "e")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "e" / "eval.json").read_text())["metrics"]
+    assert report["accuracy"]["tuned"][0] == 1.0  # 'Yes' now scores highest on every held-out example
+    assert report["accuracy"]["base"][0] == 0.0 and report["accuracy"]["delta"][:2] == [1.0, 1.0]  # large, certain Δ
+    assert report["loss"]["delta"][2] < -0.3  # the whole interval well below zero
+    samples = [json.loads(l) for l in (tmp_path / "e" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 12 and all(s["tuned"]["output"] == "Yes" for s in samples)
+    assert "| accuracy | 12 |" in (tmp_path / "e" / "eval.md").read_text()
+
+
+def test_untrained_adapter_gives_exactly_zero_delta(fixed_answer_run, tmp_path):
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "untrained"
+    shutil.copytree(fixed_answer_run, run)
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    fresh = get_peft_model(AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"]),
+                           LoraConfig(r=8, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))  # B = 0
+    shutil.rmtree(run / "adapter")
+    fresh.save_pretrained(run / "adapter")
+    result = CliRunner().invoke(app, ["eval", str(run), "--compare", "base", "--no-generate", "--out", str(tmp_path / "e")])
+    assert result.exit_code == 0, result.output
+    loss = json.loads((tmp_path / "e" / "eval.json").read_text())["metrics"]["loss"]
+    assert loss["delta"] == [0.0, 0.0, 0.0] and loss["tuned"] == loss["base"]
+
+
+def test_plain_model_folder_with_a_recipe_for_data(tiny_model_dir, tiny_recipe, tmp_path):
+    result = CliRunner().invoke(app, ["eval", str(tiny_model_dir), "--data", str(tiny_recipe), "--limit", "3",
+                                      "--max-new-tokens", "4", "--out", str(tmp_path / "e")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert report["examples"] == 3 and set(report["metrics"]) >= {"loss", "perplexity", "exact_match", "f1", "rouge_l"}
+    no_data = CliRunner().invoke(app, ["eval", str(tiny_model_dir)])
+    assert no_data.exit_code == 2 and "--data is required" in no_data.output
+    compare = CliRunner().invoke(app, ["eval", str(tiny_model_dir), "--data", str(tiny_recipe), "--compare", "base"])
+    assert compare.exit_code == 2 and "needs a run directory" in compare.output
+
+
+def test_eval_warns_when_eval_data_overlaps_training(fixed_answer_run, tmp_path):
+    train_file = fixed_answer_run.parent / "train.jsonl"
+    result = CliRunner().invoke(app, ["eval", str(fixed_answer_run), "--data", str(train_file), "--limit", "5",
+                                      "--out", str(tmp_path / "e")])
+    assert result.exit_code == 0, result.output
+    assert "5 of 5 evaluation examples also occur in this run's training data" in result.output
