@@ -194,6 +194,28 @@ def eval_command(
     _run(body)
 
 
+@app.command("chat")
+def chat_command(
+    target: Path = typer.Argument(..., help="A run directory, a merged model folder, or a .gguf file.", show_default=False),
+    compare: Optional[str] = typer.Option(None, "--compare", help="'base': answer each turn with the adapter off, then on."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
+    system: Optional[str] = typer.Option(None, "--system", help="A system message for the conversation."),
+) -> None:
+    """Talk to a fine-tuned model by hand, tokens streamed, with its training chat template."""
+
+    def body() -> None:
+        if compare not in (None, "base"):
+            from llamatune.errors import RecipeError
+
+            raise RecipeError([f"--compare: {compare!r} is not supported; use --compare base"])
+        _quiet_libraries()
+        from llamatune.chat import chat
+
+        chat(target, compare == "base", max_new_tokens, system, read=input, write=print)
+
+    _run(body)
+
+
 @data_app.command("check")
 def data_check(recipe: Path = RecipeArg, overrides: Optional[List[str]] = SetOpt) -> None:
     """Read, render and tokenize RECIPE's data; report counts, drops by reason, duplicates and overlap."""

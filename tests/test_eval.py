@@ -111,3 +111,13 @@ def test_eval_warns_when_eval_data_overlaps_training(fixed_answer_run, tmp_path)
                                       "--out", str(tmp_path / "e")])
     assert result.exit_code == 0, result.output
     assert "5 of 5 evaluation examples also occur in this run's training data" in result.output
+
+
+def test_chat_streams_answers_and_compares_base(fixed_answer_run):
+    result = CliRunner().invoke(app, ["chat", str(fixed_answer_run), "--compare", "base", "--max-new-tokens", "3"],
+                                input="Statement number 3 about a contract clause.\n\n")
+    assert result.exit_code == 0, result.output
+    assert result.output.index("base>") < result.output.index("tuned>")
+    assert result.output.count("you>") == 2  # one turn, then the empty line ends the chat
+    plain = CliRunner().invoke(app, ["chat", str(fixed_answer_run.parent / "run"), "--max-new-tokens", "2"], input="hi\n/exit\n")
+    assert plain.exit_code == 0 and "tuned>" in plain.output and "base>" not in plain.output
