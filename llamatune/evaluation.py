@@ -217,7 +217,7 @@ def run_eval(path: Path, data: list[str], compare_base: bool, generate: bool, li
         for name, adapter in passes:
             task = bar.add_task(name, total=len(examples))
             scores[name] = score(target, examples, adapter, generate, max_new_tokens, batch_size,
-                                 progress=lambda n, t=task: bar.advance(t, n))
+                                 progress=_ticker(bar, task, name, len(examples), console))
     summary = evalreport.summarize(scores["tuned"], scores.get("base"))
     evalreport.show(summary, console)
     samples = []
@@ -235,6 +235,24 @@ def run_eval(path: Path, data: list[str], compare_base: bool, generate: bool, li
     evalreport.write(out_dir, summary, header, samples)
     console.print(f"reports: {out_dir}/eval.json, eval.md, samples.jsonl")
     return summary
+
+
+def _ticker(bar, task, name: str, total: int, console) -> Callable[[int], None]:
+    """Advances the bar; without a terminal, prints a plain line at every tenth of the way instead."""
+    import time
+
+    state = {"done": 0, "shown": 0, "start": time.perf_counter()}
+
+    def tick(n: int) -> None:
+        bar.advance(task, n)
+        state["done"] += n
+        if not console.is_terminal and (state["done"] * 10 // total > state["shown"] or state["done"] == total):
+            state["shown"] = state["done"] * 10 // total
+            elapsed = time.perf_counter() - state["start"]
+            eta = elapsed / state["done"] * (total - state["done"])
+            console.print(f"eval {name}: {state['done']}/{total} examples, elapsed {elapsed:.0f}s, eta {eta:.0f}s", highlight=False)
+
+    return tick
 
 
 def _fingerprint(manifest: dict) -> str:

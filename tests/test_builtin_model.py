@@ -85,3 +85,15 @@ def test_local_gguf_converts_once_with_identical_logits(builtin_folder, tmp_path
         direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)(input_ids=ids).logits
         cached = AutoModelForCausalLM.from_pretrained(folder)(input_ids=ids).logits
     torch.testing.assert_close(cached, direct, rtol=0, atol=0)
+
+    # llamatune eval takes the .gguf file directly (converted once, cached)
+    from typer.testing import CliRunner
+
+    from llamatune.cli import app
+
+    quickstart = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    result = CliRunner().invoke(app, ["eval", str(gguf), "--data", str(quickstart), "--limit", "2",
+                                      "--max-new-tokens", "8", "--out", str(tmp_path / "eval")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert report["examples"] == 2 and report["metrics"]["loss"]["tuned"][0] > 0
