@@ -65,7 +65,7 @@ def _padded(tokenizer):
     return tokenizer
 
 
-def eval_examples(target: Target, data: list[str], limit: int | None, seed: int = 42) -> tuple[list[Example], dict]:
+def eval_examples(target: Target, data: list[str], limit: int | None) -> tuple[list[Example], dict]:
     """Held-out examples through the training pipeline: the run's own held-out data by default, or
     each --data entry (a recipe file: its held-out data; a data file: read like the run's first source).
 
@@ -77,12 +77,13 @@ def eval_examples(target: Target, data: list[str], limit: int | None, seed: int 
 
     if not data and target.recipe is None:
         raise RecipeError(["--data is required for a model folder or .gguf file: give a recipe file (its held-out data)"])
-    specs = []
+    specs = []  # (name, data spec, seed): a recipe's own seed reproduces its held-out split
     for entry in data or [None]:
         if entry is None:
-            specs.append(("run held-out data", target.recipe.data))
+            specs.append(("run held-out data", target.recipe.data, target.recipe.train.seed))
         elif entry.endswith((".yaml", ".yml")):
-            specs.append((entry, load_recipe(entry).data))
+            other = load_recipe(entry)
+            specs.append((entry, other.data, other.train.seed))
         elif target.recipe is None:
             raise RecipeError([f"--data {entry}: a data file needs a run directory (its recipe says how to read it); "
                                "give a recipe file instead"])
@@ -90,9 +91,9 @@ def eval_examples(target: Target, data: list[str], limit: int | None, seed: int 
             source = target.recipe.data.train[0].model_copy(update={"path": str(Path(entry).resolve()), "weight": 1.0})
             spec = target.recipe.data.model_copy(update={"train": (source,), "eval": (source,), "eval_fraction": None,
                                                          "max_overlap": 1.0, "dedup": False})
-            specs.append((entry, spec))
+            specs.append((entry, spec, target.recipe.train.seed))
     examples, manifests = [], {}
-    for name, spec in specs:
+    for name, spec, seed in specs:
         # Unpacked, so every example is scored on its own.
         built = build_datasets(spec.model_copy(update={"packing": False}), target.tokenizer, seed)
         examples += [row[0] for row in built.eval]

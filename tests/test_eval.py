@@ -121,3 +121,18 @@ def test_chat_streams_answers_and_compares_base(fixed_answer_run):
     assert result.output.count("you>") == 2  # one turn, then the empty line ends the chat
     plain = CliRunner().invoke(app, ["chat", str(fixed_answer_run.parent / "run"), "--max-new-tokens", "2"], input="hi\n/exit\n")
     assert plain.exit_code == 0 and "tuned>" in plain.output and "base>" not in plain.output
+
+
+def test_default_eval_data_is_the_runs_own_held_out_split(tiny_recipe, tmp_path):
+    """With eval_fraction, eval must hold out the same documents as training did (the run's seed)."""
+    from llamatune.evaluation import eval_examples, load_target
+
+    recipe = load_recipe(tiny_recipe, ["data.eval=null", "data.eval_fraction=0.25", "train.seed=11", "train.max_steps=1"])
+    result = train(recipe, "t", run_dir=tmp_path / "run")
+    examples, _ = eval_examples(load_target(tmp_path / "run"), [], None)
+    manifest = json.loads((tmp_path / "run" / "data_manifest.json").read_text())
+    assert len(examples) == manifest["totals"]["eval_examples"] == result.summary["data"]["eval_examples"]
+    from llamatune.data.pipeline import build_datasets
+
+    held = build_datasets(recipe.data.model_copy(update={"packing": False}), load_target(tmp_path / "run").tokenizer, 11).eval
+    assert [e.input_ids for e in examples] == [row[0].input_ids for row in held]
