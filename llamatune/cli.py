@@ -166,6 +166,31 @@ def schema() -> None:
         out.print(f"[bold]{key}[/]  [dim]{escape(f'{type_name} = {default}')}[/]\n    {escape(description)}", highlight=False)
 
 
+@app.command("merge")
+def merge_command(
+    run: Path = typer.Argument(..., help="A run directory.", show_default=False),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: RUN/merged); never overwritten."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 | fp16: dtype of the merged weights."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Refuse to write if the merged model's logits drift "
+                                "from base+adapter beyond the dtype's threshold."),
+) -> None:
+    """Merge RUN's adapter into its full-precision base; verify parity; write a plain transformers folder."""
+
+    def body() -> None:
+        from llamatune.errors import RecipeError
+
+        if dtype not in ("fp32", "bf16", "fp16"):
+            raise RecipeError([f"--dtype: {dtype!r}; choose fp32, bf16 or fp16"])
+        if not (run / "recipe.yaml").is_file() or not (run / "adapter").is_dir():
+            raise RecipeError([f"{run}: not a run directory (recipe.yaml + adapter/)"])
+        _quiet_libraries()
+        from llamatune.merge import merge
+
+        merge(run, out_dir, dtype, verify, say=out.print)
+
+    _run(body)
+
+
 @app.command("eval")
 def eval_command(
     target: Path = typer.Argument(..., help="A run directory, a merged model folder, or a .gguf file.", show_default=False),

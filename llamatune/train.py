@@ -261,6 +261,7 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
         "processes": world,
         "device": str(acc.device),
         "data": totals,
+        "data_fingerprint": data_fingerprint,
     }
     acc.wait_for_everyone()
     if acc.is_main_process:

@@ -1,0 +1,154 @@
+"""`llamatune merge`: fold a run's adapter into its full-precision base and prove the result behaves the same.
+
+The base is always loaded unquantized: a QLoRA adapter is merged into the original weights, never into
+4-bit ones (rounding the merged weights back to 4 bits would change the model). The consequence is a
+full-size model; the report states how far it is from the 4-bit model the adapter was trained with.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from llamatune import model as models
+from llamatune.checkpoint import fault
+from llamatune.errors import LlamatuneError
+from llamatune.recipe import load_recipe
+
+# Largest acceptable disagreement between base+adapter and the merged model, by output dtype.
+THRESHOLDS = {"fp32": {"max_abs_logit": 1e-3}, "bf16": {"mean_kl": 2e-2}, "fp16": {"mean_kl": 2e-3}}
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def merge(run_dir: Path, out: Path | None = None, dtype: str = "fp32", verify: bool = True,
+          say: Callable[[str], None] = print) -> Path:
+    """Writes <run>/merged (or `out`): safetensors shards, config, generation config, tokenizer, model card,
+    merge_report.json. Written in a staging folder and renamed, so an interrupted merge leaves nothing.
+
+    Raises:
+        LlamatuneError: If the output exists, or the merged model disagrees with base+adapter beyond the
+            dtype's threshold (nothing is written then).
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from llamatune.evaluation import Target, eval_examples, prompt_ids
+    from llamatune.schema import QuantizationSpec
+
+    out = out or run_dir / "merged"
+    if out.exists():
+        raise LlamatuneError(f"{out} already exists; remove it or pass --out NEW_DIR (llamatune never overwrites)")
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    ref = models.resolve(recipe.model, say)
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    base = models.load_base(ref, recipe.model.model_copy(update={"dtype": "float32"}), QuantizationSpec())
+    unmerged = PeftModel.from_pretrained(base, run_dir / "adapter").eval()
+    examples, _ = eval_examples(Target(unmerged, tokenizer, True, str(run_dir), recipe), [], 8)
+    prompts = [torch.tensor([prompt_ids(e)]) for e in examples]
+    with torch.no_grad():
+        reference = [unmerged(input_ids=p).logits.float() for p in prompts]
+    merged = unmerged.merge_and_unload().to(getattr(torch, _DTYPES[dtype])).eval()
+    merged.config.use_cache = True  # training turned it off; inference wants it
+    report = {"run": str(run_dir), "base": ref, "dtype": dtype, "prompts": len(prompts),
+              "merged_vs_unmerged": _compare(merged, prompts, reference)}
+    if recipe.quantization.mode != "none":
+        report["trained_4bit_vs_merged"] = _quantized_gap(run_dir, recipe, ref, merged, prompts)
+    _check(report["merged_vs_unmerged"], dtype, verify)
+
+    eos = [tokenizer.eos_token_id] + [i for i in _as_list(merged.generation_config.eos_token_id) if i != tokenizer.eos_token_id]
+    merged.generation_config.eos_token_id = eos  # stop at the end-of-turn token the adapter was trained to emit
+    merged.generation_config.pad_token_id = tokenizer.pad_token_id
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        merged.save_pretrained(staging, max_shard_size="2GB")
+        fault("merge:after-weights")
+        tokenizer.save_pretrained(staging)
+        (staging / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (staging / "README.md").write_text(_model_card(run_dir, recipe, ref, report))
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    say(f"merged model: {out} (max |Δlogit| {report['merged_vs_unmerged']['max_abs_logit']:.2e}, "
+        f"greedy agreement {report['merged_vs_unmerged']['greedy_agreement']:.1%})")
+    return out
+
+
+def _compare(model, prompts, reference) -> dict:
+    """max |Δlogit|, mean KL(reference ‖ model) per position, and greedy-token agreement."""
+    import torch
+
+    worst, kls, agree, total = 0.0, [], 0, 0
+    with torch.no_grad():
+        for p, ref in zip(prompts, reference):
+            got = model(input_ids=p.to(model.device)).logits.float().cpu()
+            worst = max(worst, float((got - ref).abs().max()))
+            kls.append(float(torch.nn.functional.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                                                        reduction="none").sum(-1).mean()))
+            agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
+            total += ref.shape[1]
+    return {"max_abs_logit": worst, "mean_kl": sum(kls) / max(len(kls), 1), "greedy_agreement": agree / max(total, 1)}
+
+
+def _check(found: dict, dtype: str, verify: bool) -> None:
+    for key, limit in THRESHOLDS[dtype].items():
+        if verify and found[key] > limit:
+            raise LlamatuneError(f"the merged model disagrees with base+adapter: {key} {found[key]:.3g} > {limit:g} for "
+                                 f"{dtype}; nothing was written. Try --dtype fp32, or --no-verify to keep it anyway")
+
+
+def _quantized_gap(run_dir: Path, recipe, ref: str, merged, prompts) -> dict:
+    """How far the merged full-precision model is from the 4-bit model the adapter was trained with."""
+    from peft import PeftModel
+
+    trained = PeftModel.from_pretrained(models.load_base(ref, recipe.model, recipe.quantization), run_dir / "adapter").eval()
+    import torch
+
+    with torch.no_grad():
+        reference = [trained(input_ids=p).logits.float().cpu() for p in prompts]
+    return _compare(merged, prompts, reference)
+
+
+def _as_list(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _model_card(run_dir: Path, recipe, ref: str, report: dict) -> str:
+    summary = _read_json(run_dir / "summary.json")
+    manifest = _read_json(run_dir / "data_manifest.json")
+    sources = ", ".join(f"{s['path']} ({s['format']})" for s in manifest.get("sources", []) if s["split"] == "train")
+    lines = [
+        f"# {run_dir.name} (merged)", "",
+        f"Base model `{ref}` with a LoRA adapter (r={recipe.lora.r}, alpha={recipe.lora.alpha:g}, targets "
+        f"{recipe.lora.target_modules}) merged in {report['dtype']} by llamatune.", "",
+        f"- Training data: {sources or 'see recipe.yaml'}; data fingerprint {(summary.get('data_fingerprint') or _fp(manifest))[:16]}",
+        f"- Steps: {summary.get('steps', '?')}; held-out loss {summary.get('eval_loss_before', float('nan')):.4f} → "
+        f"{summary.get('eval_loss_after', float('nan')):.4f}",
+        f"- Parity with base + adapter on {report['prompts']} held-out prompts: max |Δlogit| "
+        f"{report['merged_vs_unmerged']['max_abs_logit']:.2e}, greedy agreement {report['merged_vs_unmerged']['greedy_agreement']:.1%}",
+    ]
+    if "trained_4bit_vs_merged" in report:
+        gap = report["trained_4bit_vs_merged"]
+        lines.append(f"- Trained on a 4-bit base, merged into the full-precision one: vs the 4-bit model, max |Δlogit| "
+                     f"{gap['max_abs_logit']:.2e}, greedy agreement {gap['greedy_agreement']:.1%}")
+    eval_md = run_dir / "eval" / "eval.md"
+    if eval_md.is_file():
+        table = [l for l in eval_md.read_text().splitlines() if l.startswith("|")]
+        lines += ["", "## Evaluation", "", *table]
+    lines += ["", "## License", "", "This model inherits the license of its base model; the fine-tuning data's licenses "
+              "apply to what it learned. Check both before distributing it.", ""]
+    return "\n".join(lines)
+
+
+def _fp(manifest: dict) -> str:
+    from llamatune.data.pipeline import fingerprint
+
+    return fingerprint(manifest) if manifest.get("sources") else "unknown"
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
