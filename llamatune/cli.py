@@ -191,6 +191,38 @@ def merge_command(
     _run(body)
 
 
+@app.command("export")
+def export_command(
+    source: Path = typer.Argument(..., help="A model folder, e.g. the output of `llamatune merge`.", show_default=False),
+    fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp, LM Studio) | ollama (a folder: model.gguf + Modelfile)."),
+    quant: str = typer.Option("f16", "--quant", help="f16 | q8_0"),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="Output file for gguf, folder for ollama "
+                                            "(default: beside SOURCE)."),
+) -> None:
+    """Write a model folder as one self-contained GGUF file (pure Python, no llama.cpp tools)."""
+
+    def body() -> None:
+        from llamatune.errors import RecipeError
+
+        if fmt not in ("gguf", "ollama"):
+            raise RecipeError([f"--format: {fmt!r} is not supported; use gguf or ollama"])
+        if quant not in ("f16", "q8_0"):
+            raise RecipeError([f"--quant: {quant!r}; choose f16 or q8_0"])
+        if not (source / "config.json").is_file():
+            raise RecipeError([f"{source}: not a model folder (no config.json); merge a run first: llamatune merge RUN"])
+        _quiet_libraries()
+        from llamatune.export import export_gguf, export_ollama
+
+        if fmt == "ollama":
+            folder = out_file or source.parent / f"{source.name}-ollama"
+            export_ollama(source, folder, quant, say=out.print)
+            return
+        target = out_file or source.parent / f"{source.name}-{quant}.gguf"
+        export_gguf(source, target, quant, say=out.print)
+
+    _run(body)
+
+
 @app.command("eval")
 def eval_command(
     target: Path = typer.Argument(..., help="A run directory, a merged model folder, or a .gguf file.", show_default=False),

@@ -97,3 +97,34 @@ def test_local_gguf_converts_once_with_identical_logits(builtin_folder, tmp_path
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert report["examples"] == 2 and report["metrics"]["loss"]["tuned"][0] > 0
+
+
+@pytest.mark.slow
+def test_quickstart_merge_export_gguf_then_eval_end_to_end(builtin_folder, tmp_path):
+    """The deployment path on the real model: train → merge → export GGUF → eval the .gguf file."""
+    import torch
+    from typer.testing import CliRunner
+    from transformers import AutoModelForCausalLM
+
+    from llamatune.cli import app
+
+    quickstart = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    runner = CliRunner()
+    steps = [
+        ["train", str(quickstart), "--run-dir", str(tmp_path / "run"), "--set", "train.max_steps=2",
+         "--set", "train.micro_batch_size=4"],
+        ["merge", str(tmp_path / "run")],
+        ["export", str(tmp_path / "run" / "merged"), "--out", str(tmp_path / "model.gguf")],
+        ["eval", str(tmp_path / "model.gguf"), "--data", str(quickstart), "--limit", "2", "--max-new-tokens", "8",
+         "--out", str(tmp_path / "eval")],
+    ]
+    for args in steps:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, (args[0], result.output)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "merged")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf", dtype=torch.float32)
+    ids = torch.tensor([[1, 4093, 198, 1780, 314, 253, 7971, 47, 2, 198, 1, 520, 9531, 198]])
+    with torch.no_grad():
+        want, got = merged(input_ids=ids).logits, loaded(input_ids=ids).logits
+    assert ((got - want).abs().max() / want.abs().max()) <= 1e-2
+    assert torch.equal(got.argmax(-1), want.argmax(-1))

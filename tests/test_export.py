@@ -1,0 +1,68 @@
+"""GGUF export round trip: the file loads back through transformers' GGUF loader with matching logits."""
+
+import torch
+from typer.testing import CliRunner
+
+from llamatune.cli import app
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_gguf_round_trip_f16_and_q8_0(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3, 8, 11, 40, 2]])
+    want = _logits(reference, ids)
+    for quant in ("f16", "q8_0"):
+        out = tmp_path / f"tiny-{quant}.gguf"
+        result = CliRunner().invoke(app, ["export", str(tiny_model_dir), "--quant", quant, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32)
+        got = _logits(loaded, ids)
+        if quant == "f16":
+            assert ((got - want).abs().max() / want.abs().max()) <= 1e-2
+        assert torch.equal(got.argmax(-1), want.argmax(-1))  # greedy tokens agree
+        tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
+        plain = AutoTokenizer.from_pretrained(tiny_model_dir)
+        text = "What is a fever? Rest, fluids and 1,452.4 million."
+        assert tok(text)["input_ids"] == plain(text)["input_ids"] and tok.chat_template == plain.chat_template
+    again = CliRunner().invoke(app, ["export", str(tiny_model_dir), "--out", str(tmp_path / "tiny-f16.gguf")])
+    assert again.exit_code == 1 and "already exists" in again.output
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left behind
+
+
+def test_export_rejects_what_it_cannot_write(tiny_model_dir, tmp_path):
+    runner = CliRunner()
+    assert runner.invoke(app, ["export", str(tmp_path)]).exit_code == 2
+    bad = runner.invoke(app, ["export", str(tiny_model_dir), "--format", "onnx"])
+    assert bad.exit_code == 2 and "not supported" in bad.output
+
+
+def test_ollama_folder_has_the_gguf_and_a_modelfile_matching_the_template(tiny_model_dir, tmp_path):
+    result = CliRunner().invoke(app, ["export", str(tiny_model_dir), "--format", "ollama", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    modelfile = (tmp_path / "o" / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./model.gguf\n") and 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert '{{ if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n' in modelfile
+    assert modelfile.rstrip().endswith('<|im_start|>assistant\n"""\nPARAMETER stop "<|im_end|>"')
+    assert (tmp_path / "o" / "model.gguf").stat().st_size > 0 and "ollama create" in result.output
+
+
+def test_a_template_that_is_not_a_role_wrapper_is_refused(tiny_model_dir, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from llamatune.errors import LlamatuneError
+    from llamatune.export import ollama_modelfile
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = "{% for m in messages %}{{ loop.index }}:{{ m['content'] }}\n{% endfor %}"  # numbers turns
+    import pytest
+
+    with pytest.raises(LlamatuneError, match="not a plain per-role wrapper"):
+        ollama_modelfile(tok, "model.gguf")
