@@ -73,6 +73,9 @@ def merge(run_dir: Path, out: Path | None = None, dtype: str = "fp32", verify: b
         staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    from llamatune.serving import vllm_lora_check
+
+    say("adapter for vLLM: " + "; ".join(vllm_lora_check(run_dir / "adapter")["notes"]))
     say(f"merged model: {out} (max |Δlogit| {report['merged_vs_unmerged']['max_abs_logit']:.2e}, "
         f"greedy agreement {report['merged_vs_unmerged']['greedy_agreement']:.1%})")
     return out

@@ -22,6 +22,7 @@ from llamatune.data.batches import collate, epoch_order, eval_order
 from llamatune.data.encode import IGNORE_INDEX
 from llamatune.plot import write_loss_curve
 from llamatune.progress import TrainProgress
+from llamatune.serving import vllm_lora_check
 from llamatune.recipe import Recipe, recipe_to_yaml
 from llamatune.errors import LlamatuneError, RecipeError
 from llamatune.rundir import MetricsLog, start_run_dir, write_manifest, write_summary
@@ -267,6 +268,7 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
     if acc.is_main_process:
         acc.unwrap_model(model).save_pretrained(run_dir / "adapter")
         tokenizer.save_pretrained(run_dir / "tokenizer")
+        summary["vllm_lora"] = vllm_lora_check(run_dir / "adapter")
         write_summary(run_dir, summary)
     metrics.close()
     if acc.is_main_process:

@@ -25,6 +25,7 @@ def test_cli_train_writes_exactly_the_run_directory(tiny_recipe):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["tokens"] > 0 and summary["versions"]["torch"] == torch.__version__
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    assert summary["vllm_lora"]["servable"] is True
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines if "loss" in l] == [1, 2, 3, 4]
     assert [l["step"] for l in lines if "eval_loss" in l] == [0, 4]
