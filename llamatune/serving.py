@@ -25,7 +25,8 @@ def vllm_lora_check(adapter_dir: Path) -> dict:
         notes.append(f"modules_to_save {config['modules_to_save']}: vLLM does not load them; merge instead")
     targets = config.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else targets
-    odd = sorted(set(targets) - _SERVABLE_TARGETS)
+    # peft may store full module paths (model.layers.0.self_attn.q_proj): the layer kind is the last part
+    odd = sorted({t.rsplit(".", 1)[-1] for t in targets} - _SERVABLE_TARGETS)
     if odd:
         servable = False
         notes.append(f"target modules {odd} are not LoRA-servable by vLLM for Llama models; merge instead")

@@ -21,3 +21,8 @@ def test_dora_modules_to_save_and_odd_targets_must_be_merged(tmp_path):
     assert check(tmp_path, modules_to_save=["score"])["servable"] is False
     odd = check(tmp_path, target_modules=["q_proj", "rotary_emb"])
     assert odd["servable"] is False and "rotary_emb" in odd["notes"][0]
+
+
+def test_full_module_paths_are_judged_by_their_layer_kind(tmp_path):
+    paths = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    assert check(tmp_path, target_modules=paths)["servable"] is True
