@@ -105,7 +105,9 @@ def _add_tensor(writer, name: str, data, quant: str) -> None:
 
     if data.ndim == 1 or name.endswith("norm.weight"):
         writer.add_tensor(name, data.astype(np.float32))
-    elif quant == "f16":
+    elif quant == "f16" or name in ("token_embd.weight", "output.weight"):
+        # q8_0 keeps the embedding / output head in f16 (as llama.cpp's --leave-output-tensor): with tied
+        # embeddings it produces every logit, and 8-bit rounding there flips near-tied greedy choices.
         writer.add_tensor(name, data.astype(np.float16))
     else:
         packed = gguf.quants.quantize(data.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)

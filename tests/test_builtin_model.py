@@ -14,7 +14,8 @@ from llamatune.errors import LlamatuneError
 from llamatune.recipe import parse_recipe
 from llamatune.train import train
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "medical"
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples" / "medical"
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +105,7 @@ def test_quickstart_merge_export_gguf_then_eval_end_to_end(builtin_folder, tmp_p
     """The deployment path on the real model: train → merge → export GGUF → eval the .gguf file."""
     import torch
     from typer.testing import CliRunner
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llamatune.cli import app
 
@@ -128,3 +129,15 @@ def test_quickstart_merge_export_gguf_then_eval_end_to_end(builtin_folder, tmp_p
         want, got = merged(input_ids=ids).logits, loaded(input_ids=ids).logits
     assert ((got - want).abs().max() / want.abs().max()) <= 1e-2
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+    # q8_0: greedy answers to held-out prompts agree with the merged model
+    result = runner.invoke(app, ["export", str(tmp_path / "run" / "merged"), "--quant", "q8_0", "--out", str(tmp_path / "q8.gguf")])
+    assert result.exit_code == 0, result.output
+    q8 = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="q8.gguf", dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run" / "merged")
+    held_out = [json.loads(line)["question"] for line in (REPO / "examples" / "medical" / "heldout.jsonl").read_text().splitlines()[:3]]
+    for question in held_out:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+        kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        assert torch.equal(q8.generate(ids, **kwargs), merged.generate(ids, **kwargs)), question
