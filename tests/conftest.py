@@ -102,6 +102,21 @@ def qa_rows(n: int, offset: int = 0) -> list[dict]:
     ]
 
 
+def write_qa_recipe(folder: Path, model_dir: Path, n_train: int, lora: str, train: str) -> Path:
+    """Writes train.jsonl (n_train Q&A rows), eval.jsonl (4 others) and r.yaml fine-tuning model_dir on them.
+
+    Args:
+        lora, train: The bodies of the recipe's lora and train sections, as indented YAML lines.
+    """
+    write_jsonl(folder / "train.jsonl", qa_rows(n_train))
+    write_jsonl(folder / "eval.jsonl", qa_rows(4, offset=100))
+    source = "    prompt: '{question}'\n    response: '{answer}'\n"
+    recipe = folder / "r.yaml"
+    recipe.write_text(f"model:\n  path: {model_dir}\nlora:\n{lora}data:\n  train:\n    path: train.jsonl\n{source}"
+                      f"  eval:\n    path: eval.jsonl\n{source}train:\n{train}")
+    return recipe
+
+
 @pytest.fixture
 def tiny_recipe(tmp_path, tiny_model_dir) -> Path:
     """A recipe training the tiny model for a few steps on generated Q&A; returns its path."""

@@ -17,15 +17,10 @@ from llamatune.train import train
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model_dir):
-    from conftest import qa_rows, write_jsonl
+    from conftest import write_qa_recipe
 
     folder = tmp_path_factory.mktemp("merge")
-    write_jsonl(folder / "train.jsonl", qa_rows(16))
-    write_jsonl(folder / "eval.jsonl", qa_rows(4, offset=100))
-    recipe = folder / "r.yaml"
-    recipe.write_text(f"model:\n  path: {tiny_model_dir}\nlora:\n  r: 4\n  dropout: 0.0\ndata:\n  train:\n    path: train.jsonl\n"
-                      "    prompt: '{question}'\n    response: '{answer}'\n  eval:\n    path: eval.jsonl\n"
-                      "    prompt: '{question}'\n    response: '{answer}'\ntrain:\n  lr: 2.0e-2\n  max_steps: 4\n")
+    recipe = write_qa_recipe(folder, tiny_model_dir, 16, lora="  r: 4\n  dropout: 0.0\n", train="  lr: 2.0e-2\n  max_steps: 4\n")
     train(load_recipe(recipe), "r", run_dir=folder / "run")
     return folder / "run", recipe
 

@@ -51,15 +51,10 @@ def losses(run_dir: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_model_dir):
     """The uninterrupted run (a subprocess too, so both halves of each comparison run the same way)."""
-    from conftest import qa_rows, write_jsonl
+    from conftest import write_qa_recipe
 
     folder = tmp_path_factory.mktemp("resume")
-    write_jsonl(folder / "train.jsonl", qa_rows(24))
-    write_jsonl(folder / "eval.jsonl", qa_rows(4, offset=100))
-    recipe = folder / "r.yaml"
-    recipe.write_text(f"model:\n  path: {tiny_model_dir}\nlora:\n  r: 4\ndata:\n  train:\n    path: train.jsonl\n"
-                      "    prompt: '{question}'\n    response: '{answer}'\n  eval:\n    path: eval.jsonl\n"
-                      "    prompt: '{question}'\n    response: '{answer}'\ntrain:\n  lr: 5.0e-3\n  seed: 3\n")
+    recipe = write_qa_recipe(folder, tiny_model_dir, 24, lora="  r: 4\n", train="  lr: 5.0e-3\n  seed: 3\n")
     result = cli(recipe, folder / "ref")
     assert result.returncode == 0, result.stdout + result.stderr
     return recipe, folder / "ref"
