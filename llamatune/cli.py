@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 
 from llamatune import __version__
-from llamatune.errors import LlamatuneError
+from llamatune.errors import LlamatuneError, RecipeError
 
 app = typer.Typer(
     help="Fine-tune Llama-family models with LoRA/QLoRA from YAML recipes, offline, on CPU or GPU.",
@@ -65,11 +65,9 @@ def _load_checked(recipe: Path, overrides: Optional[List[str]]):
     Returns:
         (recipe, model source kind).
     """
-    from llamatune.errors import RecipeError
+    from llamatune.data.readers import source_files
     from llamatune.model import classify
     from llamatune.recipe import load_recipe
-
-    from llamatune.data.readers import source_files
 
     parsed = load_recipe(recipe, overrides or [])
     problems = []
@@ -120,8 +118,6 @@ def train(
             import signal
 
             if not hasattr(signal, "SIG" + save_on_signal.upper().removeprefix("SIG")):
-                from llamatune.errors import RecipeError
-
                 raise RecipeError([f"--save-on-signal: unknown signal {save_on_signal!r}; e.g. USR1, USR2"])
         _quiet_libraries()
         from llamatune.train import train as run_training
@@ -143,7 +139,6 @@ def validate(
     def body() -> None:
         parsed, kind = _load_checked(recipe, overrides)
         if launch is not None:
-            from llamatune.errors import RecipeError
             from llamatune.launch import launch_problems, read_launch_config
 
             problems = launch_problems(parsed, read_launch_config(launch))
@@ -177,8 +172,6 @@ def merge_command(
     """Merge RUN's adapter into its full-precision base; verify parity; write a plain transformers folder."""
 
     def body() -> None:
-        from llamatune.errors import RecipeError
-
         if dtype not in ("fp32", "bf16", "fp16"):
             raise RecipeError([f"--dtype: {dtype!r}; choose fp32, bf16 or fp16"])
         if not (run / "recipe.yaml").is_file() or not (run / "adapter").is_dir():
@@ -202,8 +195,6 @@ def export_command(
     """Write a model folder as one self-contained GGUF file (pure Python, no llama.cpp tools)."""
 
     def body() -> None:
-        from llamatune.errors import RecipeError
-
         if fmt not in ("gguf", "ollama"):
             raise RecipeError([f"--format: {fmt!r} is not supported; use gguf or ollama"])
         if quant not in ("f16", "q8_0"):
@@ -240,8 +231,6 @@ def eval_command(
 
     def body() -> None:
         if compare not in (None, "base"):
-            from llamatune.errors import RecipeError
-
             raise RecipeError([f"--compare: {compare!r} is not supported; use --compare base"])
         _quiet_libraries()
         from llamatune.evaluation import run_eval
@@ -262,8 +251,6 @@ def chat_command(
 
     def body() -> None:
         if compare not in (None, "base"):
-            from llamatune.errors import RecipeError
-
             raise RecipeError([f"--compare: {compare!r} is not supported; use --compare base"])
         _quiet_libraries()
         from llamatune.chat import chat
@@ -326,8 +313,6 @@ def models_pull(name: str = typer.Argument(..., help="A builtin model name (see 
         import difflib
 
         from llamatune.catalog import BUILTINS, ensure_builtin
-        from llamatune.errors import RecipeError
-
         if name not in BUILTINS:
             close = difflib.get_close_matches(name, list(BUILTINS), n=1, cutoff=0.5)
             hint = f" Did you mean '{close[0]}'?" if close else ""
