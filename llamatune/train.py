@@ -165,6 +165,7 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
     # ---- the loop: step s reads micro-batches [k*accum, (k+1)*accum) of epoch s // steps_per_epoch ----
     started = time.perf_counter()
     loss, bad, orders, last = float("nan"), 0, {}, total_steps
+    nan_at = os.environ.get(checkpoint.FAULT_ENV)  # test hook, read once rather than per micro-batch
     extra = (getattr(signal, f"SIG{save_on_signal.upper().removeprefix('SIG')}"),) if save_on_signal else ()
     with resume_from.StopSignals(extra) as stop, TrainProgress(total_steps, console, cfg.log_every, acc.is_main_process) as progress:
         for step in range(start, total_steps):
@@ -187,7 +188,7 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
                 with sync:
                     with acc.autocast():
                         summed, _ = _summed_loss(model, batch)
-                    if os.environ.get(checkpoint.FAULT_ENV) == f"nan-loss:{step + 1}":
+                    if nan_at == f"nan-loss:{step + 1}":
                         summed = summed * float("nan")  # test hook: a numerically broken step
                     acc.backward(summed * world / max(n_step, 1))
                 loss_sum += summed.item()
