@@ -106,11 +106,10 @@ def _check(found: dict, dtype: str, verify: bool) -> None:
 
 def _quantized_gap(run_dir: Path, recipe, ref: str, merged, prompts) -> dict:
     """How far the merged full-precision model is from the 4-bit model the adapter was trained with."""
+    import torch
     from peft import PeftModel
 
     trained = PeftModel.from_pretrained(models.load_base(ref, recipe.model, recipe.quantization), run_dir / "adapter").eval()
-    import torch
-
     with torch.no_grad():
         reference = [trained(input_ids=p).logits.float().cpu() for p in prompts]
     return _compare(merged, prompts, reference)
