@@ -150,6 +150,24 @@ def validate(
     _run(body)
 
 
+@app.command("init")
+def init_command(
+    folder: Path = typer.Argument(Path("."), help="Where to write recipe.yaml and data/ (created if missing)."),
+    domain: str = typer.Option(..., "--domain", help="medical | legal | finance: the example rows and labels to start from."),
+) -> None:
+    """Scaffold a commented recipe and data templates for your own corpus; never overwrites a file."""
+
+    def body() -> None:
+        from llamatune.scaffold import init_project
+
+        written = init_project(domain, folder)
+        for path in written:
+            out.print(f"wrote {path}")
+        out.print(f"next: replace the rows in {folder / 'data'}, then llamatune validate {folder / 'recipe.yaml'}")
+
+    _run(body)
+
+
 @app.command()
 def schema() -> None:
     """Print every recipe key with its type, default and meaning."""

@@ -15,6 +15,7 @@ from llamatune.metrics import bootstrap_ci
 # metric -> (per-example key, weighted by answer tokens?, higher is better?)
 METRICS = {
     "loss": ("loss", True, False),
+    "text_loss": ("text_loss", True, False),  # free-text answers only, when mixed with choice questions
     "accuracy": ("accuracy", False, True),
     "accuracy_norm": ("accuracy_norm", False, True),
     "exact_match": ("exact_match", False, True),
@@ -30,13 +31,18 @@ def summarize(tuned: list[dict], base: list[dict] | None) -> dict:
     Deltas are tuned - base from a paired bootstrap over the same resampled examples.
     """
     out: dict = {}
+    mixed = any("accuracy" in r for r in tuned) and any("accuracy" not in r for r in tuned)
     for name, (key, weighted, _) in METRICS.items():
-        rows = [i for i, r in enumerate(tuned) if key in r or (key == "loss" and r["tokens"])]
+        if key == "text_loss":
+            # A one-letter answer has a very different loss from a paragraph: report free text on its own.
+            rows = [i for i, r in enumerate(tuned) if mixed and "accuracy" not in r and r["tokens"]]
+        else:
+            rows = [i for i, r in enumerate(tuned) if key in r or (key == "loss" and r["tokens"])]
         if not rows:
             continue
 
         def values(scores):
-            if key == "loss":
+            if key in ("loss", "text_loss"):
                 return [scores[i]["loss_sum"] / scores[i]["tokens"] for i in rows]
             return [scores[i][key] for i in rows]
 
@@ -46,9 +52,12 @@ def summarize(tuned: list[dict], base: list[dict] | None) -> dict:
             entry["base"] = list(bootstrap_ci(values(base), weights))
             entry["delta"] = list(bootstrap_ci(values(tuned), weights, paired=values(base)))
         out[name] = entry
-        if name == "loss":
-            out["perplexity"] = {k: [math.exp(x) for x in v] for k, v in entry.items() if k in ("tuned", "base")}
-            out["perplexity"]["n"] = entry["n"]
+        if name in ("loss", "text_loss"):
+            ppl = name.replace("loss", "perplexity")
+            out[ppl] = {k: [math.exp(x) for x in v] for k, v in entry.items() if k in ("tuned", "base")}
+            out[ppl]["n"] = entry["n"]
+            if "delta" in entry:  # tuned / base perplexity = exp(loss delta), with its paired interval
+                out[ppl]["ratio"] = [math.exp(x) for x in entry["delta"]]
     return out
 
 
@@ -64,7 +73,7 @@ def show(summary: dict, console: Console) -> None:
             cells.append(_fmt(v.get("base")))
         cells.append(_fmt(v["tuned"]))
         if compare:
-            cells.append(_fmt(v.get("delta"), signed=True))
+            cells.append(_fmt(v.get("delta"), signed=True) if "ratio" not in v else "×" + _fmt(v["ratio"]))
         table.add_row(*cells)
     console.print(table)
 
@@ -85,7 +94,8 @@ def write(out_dir: Path, summary: dict, header: dict, samples: list[dict]) -> No
     lines = [f"# Evaluation of {header['target']}", "", f"{header['examples']} held-out examples; 95% bootstrap intervals.", "",
              "| metric | n | base | tuned | Δ tuned − base |", "|---|---|---|---|---|"]
     for name, v in summary.items():
-        lines.append(f"| {name} | {v['n']} | {_fmt(v.get('base'))} | {_fmt(v['tuned'])} | {_fmt(v.get('delta'), signed=True)} |")
+        change = _fmt(v.get("delta"), signed=True) if "ratio" not in v else "×" + _fmt(v["ratio"])
+        lines.append(f"| {name} | {v['n']} | {_fmt(v.get('base'))} | {_fmt(v['tuned'])} | {change} |")
     if any("base" in s for s in samples):
         delta = lambda s: s["tuned"]["loss"] - s["base"]["loss"]  # noqa: E731
         helped = sorted((s for s in samples if delta(s) < 0), key=delta)[:10]

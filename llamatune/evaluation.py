@@ -151,21 +151,37 @@ def _row_losses(model, batch: dict) -> list[tuple[float, int]]:
 
 
 def _choice_scores(model, tok, example: Example) -> dict:
-    """Log-likelihood of every choice as the answer; the gold one is the choice the example trains."""
+    """Log-likelihood of every choice as the answer; the gold one is the choice the example trains.
+
+    One forward scores all choices: the row is [prompt, choice 1, choice 2, ...] with a mask that lets each
+    choice see the prompt and itself only, and positions that continue the prompt's for every choice, so
+    the long prompt is encoded once instead of once per choice.
+    """
     import torch
 
     trained = tok.decode([t for t in example.labels if t != IGNORE_INDEX])
     gold = max((c for c in example.choices if trained.startswith(c)), key=len)
     suffix = trained[len(gold):]  # the template's end of turn, e.g. "<|im_end|>\n"
     prompt = prompt_ids(example)
-    scores, lengths = [], []
-    for choice in example.choices:
-        completion = tok(choice + suffix, add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([prompt + completion])
-        logprobs = model(input_ids=ids).logits.float()[0, :-1].log_softmax(-1)
-        picked = logprobs[torch.arange(len(prompt) - 1, ids.shape[1] - 1), torch.tensor(completion)]
-        scores.append(float(picked.sum()))
-        lengths.append(len(completion))
+    completions = [tok(choice + suffix, add_special_tokens=False)["input_ids"] for choice in example.choices]
+    n, total = len(prompt), len(prompt) + sum(len(c) for c in completions)
+    mask = torch.zeros((total, total), dtype=torch.bool)
+    mask[:n, :n] = torch.ones((n, n), dtype=torch.bool).tril()
+    positions, sources, start = list(range(n)), [], n  # sources: the row whose logits predict each completion token
+    for completion in completions:
+        k = len(completion)
+        mask[start : start + k, :n] = True
+        mask[start : start + k, start : start + k] = torch.ones((k, k), dtype=torch.bool).tril()
+        positions += range(n, n + k)
+        sources.append([n - 1] + list(range(start, start + k - 1)))
+        start += k
+    ids = torch.tensor([prompt + [t for c in completions for t in c]])
+    # Only rows from the last prompt token on predict a completion token: the prompt's logits are never made.
+    logits = model(input_ids=ids, attention_mask=mask[None, None], position_ids=torch.tensor([positions]),
+                   logits_to_keep=total - n + 1).logits[0].float()
+    logprobs = logits.log_softmax(-1)
+    scores = [float(logprobs[torch.tensor(rows) - (n - 1), torch.tensor(c)].sum()) for rows, c in zip(sources, completions)]
+    lengths = [len(c) for c in completions]
     best = max(range(len(scores)), key=scores.__getitem__)
     best_norm = max(range(len(scores)), key=lambda i: scores[i] / lengths[i])
     return {"gold": gold, "predicted": example.choices[best], "accuracy": float(example.choices[best] == gold),

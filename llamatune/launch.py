@@ -33,7 +33,7 @@ def launch_problems(recipe: Recipe, config: dict) -> list[str]:
     if kind == "FSDP" and quant.mode == "int8":
         problems.append("quantization.mode: int8 cannot be sharded by FSDP (bitsandbytes 8-bit weights are not "
                         "FSDP-wrappable); use nf4 with examples/accelerate/fsdp_qlora.yaml, or none")
-    if kind == "FSDP" and quant.mode == "nf4" and (quant.compute_dtype != "bfloat16" or recipe.model.dtype != "bfloat16"):
+    if kind == "FSDP" and quant.mode == "nf4" and (quant.compute_dtype != "bfloat16" or recipe.model.dtype not in ("bfloat16", "auto")):
         problems.append("FSDP over an nf4 base needs quantization.compute_dtype: bfloat16 and model.dtype: bfloat16 "
                         f"(got {quant.compute_dtype} / {recipe.model.dtype}): FSDP shards the packed 4-bit weights "
                         "only when they are stored in the same dtype as every other parameter")
@@ -43,7 +43,8 @@ def launch_problems(recipe: Recipe, config: dict) -> list[str]:
         problems.append(f"quantization.mode: {quant.mode} with DeepSpeed ZeRO-3: ZeRO-3 partitions weights that "
                         "bitsandbytes has already packed; use quantization.mode: none, ZeRO-2, or fsdp_qlora.yaml")
     launch_precision = config.get("mixed_precision", "no")
-    wanted = {"fp32": "no"}.get(recipe.train.precision, recipe.train.precision)
+    # llamatune autocasts bf16 itself and hands only fp16 (its loss scaler) to accelerate.
+    wanted = "fp16" if recipe.train.precision == "fp16" else "no"
     if launch_precision not in ("no", None, wanted):
         problems.append(f"the launch config sets mixed_precision: {launch_precision} but train.precision is "
                         f"{recipe.train.precision}; set precision in the recipe and mixed_precision: \"no\" in the config")

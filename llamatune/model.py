@@ -72,10 +72,37 @@ def load_tokenizer(ref: str, revision: str | None = None, trust_remote_code: boo
     return tokenizer
 
 
-def load_base(ref: str, spec: ModelSpec, quant: QuantizationSpec, device_map=None, sharded: bool = False):
+def training_precision(requested: str) -> str:
+    """Resolves train.precision `auto`: bf16 where it is computed natively, fp32 elsewhere.
+
+    Emulated bf16 (an AVX2 laptop, a pre-Ampere GPU) is slower than fp32, so auto only picks it on a
+    CUDA GPU that reports bf16 support or a CPU with AVX512-BF16 or AMX-BF16 instructions.
+    """
+    import torch
+
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if _cpu_flags() & {"avx512_bf16", "amx_bf16"} else "fp32"
+
+
+def _cpu_flags() -> set[str]:
+    try:  # Linux; elsewhere (macOS, Windows) auto stays fp32
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def load_base(ref: str, spec: ModelSpec, quant: QuantizationSpec, device_map=None, sharded: bool = False,
+              precision: str = "fp32"):
     """Loads the frozen base model, quantized with bitsandbytes when `quant.mode` is nf4 or int8.
 
     Args:
+        precision: The resolved training precision; with model.dtype auto, bf16/fp16 training stores the
+            frozen weights in that dtype (half the memory), anything else in float32.
         sharded: FSDP will shard the model: 4-bit weights are then stored in the compute dtype, the
             only way FSDP can flatten them together with the other parameters.
     """
@@ -83,7 +110,8 @@ def load_base(ref: str, spec: ModelSpec, quant: QuantizationSpec, device_map=Non
     from transformers import AutoModelForCausalLM
 
     # safetensors only: a pickled .bin checkpoint can execute code when loaded.
-    kwargs: dict = {"dtype": getattr(torch, spec.dtype), "revision": spec.revision, "use_safetensors": True,
+    dtype = spec.dtype if spec.dtype != "auto" else {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
+    kwargs: dict = {"dtype": getattr(torch, dtype), "revision": spec.revision, "use_safetensors": True,
                     "trust_remote_code": spec.trust_remote_code}
     if quant.mode != "none":
         kwargs["quantization_config"] = _bnb_config(quant, sharded)

@@ -32,10 +32,10 @@ class ModelSpec(_Spec):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit); hub ids only.")
     trust_remote_code: bool = Field(False, description="Run Python code shipped with a hub model. Off: only architectures "
                                      "transformers itself implements load. Turn on only for code you have read.")
-    dtype: Dtype = Field(
-        "float32",
-        description="Dtype of the frozen base weights. float32 is exact and the fastest on most CPUs; "
-        "bfloat16 halves memory on GPUs that support it.",
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Dtype of the frozen base weights. auto: bfloat16 when training runs in bf16 (half the memory; the "
+        "adapter stays float32), float32 otherwise, and float32 for eval/merge.",
     )
 
 
@@ -195,8 +195,10 @@ class TrainSpec(_Spec):
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm; null disables clipping.")
     eval_every: int | None = Field(None, ge=1, description="Also evaluate held-out loss every N steps (always before and after).")
     log_every: int = Field(1, ge=1, description="Write a metrics line every N steps.")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp32, or autocast of the forward pass to "
-                                                       "bf16 (GPUs and recent CPUs) or fp16 (GPUs only).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Autocast of the forward pass: auto = bf16 where the hardware computes it natively (CUDA "
+        "GPUs with bf16, CPUs with AVX512-BF16/AMX), else fp32 | fp32 | bf16 | fp16 (GPUs only). The adapter and its "
+        "optimizer state are always float32.")
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
         "adamw", description="adamw (torch) | adamw_8bit (bitsandbytes: 8-bit optimizer state, ~4x less optimizer "
         "memory) | paged_adamw_8bit (also pages state out under GPU memory pressure).")

@@ -6,6 +6,7 @@ import hashlib
 import math
 import os
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from llamatune import resume as resume_from
 from llamatune.data.pipeline import build_datasets, fingerprint
 from llamatune.data.batches import collate, epoch_order, eval_order
 from llamatune.data.encode import IGNORE_INDEX
+from llamatune.dropout import use_fast_dropout
+from llamatune.loss import summed_loss
 from llamatune.plot import write_loss_curve
 from llamatune.progress import TrainProgress
 from llamatune.serving import vllm_lora_check
@@ -70,9 +73,13 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
     cfg = recipe.train
     # Under torchrun/mpirun without a GPU, accelerate only sets up (gloo) distribution when told cpu=True.
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    if cfg.precision == "fp16" and not torch.cuda.is_available():
+    precision = models.training_precision(cfg.precision)
+    if precision == "fp16" and not torch.cuda.is_available():
         raise RecipeError(["train.precision: fp16 autocast needs a CUDA GPU; use bf16 or fp32 on this machine"])
-    acc = Accelerator(mixed_precision={"fp32": "no"}.get(cfg.precision, cfg.precision), cpu=multi_cpu)
+    # bf16 autocast is ours, not accelerate's: accelerate fixes one precision per process, and bf16 needs
+    # no loss scaler. fp16 (GPU only) needs accelerate's GradScaler.
+    acc = Accelerator(mixed_precision="fp16" if precision == "fp16" else "no", cpu=multi_cpu)
+    autocast = (lambda: torch.autocast(acc.device.type, dtype=torch.bfloat16)) if precision == "bf16" else acc.autocast
     say = console.print if acc.is_main_process else (lambda *_: None)
     # Decided before any heavy work: a used run dir or a bad checkpoint fails in a second.
     run_dir, ckpt = resume_from.locate(recipe, recipe_name, run_dir, resume, say)
@@ -96,8 +103,11 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
     t_load = time.perf_counter()
     quantized = recipe.quantization.mode != "none"
     sharded = acc.distributed_type.name == "FSDP"  # not testable without GPUs: see README, multi-GPU
-    base = models.load_base(ref, recipe.model, recipe.quantization, device_map={"": str(acc.device)}, sharded=sharded)
+    base = models.load_base(ref, recipe.model, recipe.quantization, device_map={"": str(acc.device)}, sharded=sharded,
+                            precision=precision)
     model = models.apply_lora(base, recipe.lora, quantized, cfg.gradient_checkpointing)
+    if acc.device.type == "cpu":  # CUDA's fused dropout is cheap; the CPU Bernoulli sampler is not
+        use_fast_dropout(model)
     load_s = time.perf_counter() - t_load
     trainable, total = models.count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -116,6 +126,7 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
         f"model {ref} ({load_s:.1f}s) | LoRA r={recipe.lora.r} on {recipe.lora.target_modules}: "
         f"{trainable:,} trainable of {total:,} params ({100 * trainable / total:.2f}%)"
         + (f" | base in {recipe.quantization.mode}" if quantized else "")
+        + f" | precision {precision}" + (" (auto)" if cfg.precision == "auto" else "")
     )
     say(
         f"data {totals['train_examples']} train / {totals['eval_examples']} held-out examples"
@@ -144,7 +155,7 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
                          run_dir / "tensorboard" if cfg.tensorboard else None)
 
     def evaluate(step: int) -> float:
-        loss = _held_out_loss(model, data.eval, cfg.micro_batch_size, tokenizer.pad_token_id, acc)
+        loss = _held_out_loss(model, data.eval, cfg.micro_batch_size, tokenizer.pad_token_id, acc, autocast)
         metrics.write(step=step, eval_loss=loss)
         say(f"held-out loss at step {step}: {loss:.4f}")
         return loss
@@ -186,8 +197,8 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
                 batch = {key: v.to(acc.device) for key, v in batch.items()}
                 sync = nullcontext() if i == len(batches) - 1 else acc.no_sync(model)
                 with sync:
-                    with acc.autocast():
-                        summed, _ = _summed_loss(model, batch)
+                    with autocast():
+                        summed, _ = summed_loss(model, batch)
                     if nan_at == f"nan-loss:{step + 1}":
                         summed = summed * float("nan")  # test hook: a numerically broken step
                     acc.backward(summed * world / max(n_step, 1))
@@ -262,6 +273,9 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
         "total_params": total,
         "processes": world,
         "device": str(acc.device),
+        "precision": precision,
+        "peak_rss_gib": round(peak_rss_gib(), 2),
+        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
         "data": totals,
         "data_fingerprint": data_fingerprint,
     }
@@ -278,27 +292,17 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
     return TrainResult(summary=summary, model=acc.unwrap_model(model))
 
 
-def _summed_loss(model, batch: dict):
-    """Sum of next-token cross-entropy over label tokens, and their count.
-
-    Shapes: input_ids/labels [B, T]; logits [B, T, V]; the prediction at t is scored against t+1.
-    """
-    import torch.nn.functional as F
-
-    # position_ids restart per packed example; with the block-diagonal mask this isolates examples.
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"]).logits
-    targets = batch["labels"][:, 1:]
-    summed = F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.size(-1)).float(),
-        targets.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return summed, int((targets != IGNORE_INDEX).sum())
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far (GiB); 0 where the platform does not report it."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # bytes on macOS, KiB on Linux
 
 
-def _held_out_loss(model, rows, batch_size: int, pad_id: int, acc) -> float:
+def _held_out_loss(model, rows, batch_size: int, pad_id: int, acc, autocast) -> float:
     """Token-weighted mean loss over the held-out examples, summed across processes."""
     import torch
 
@@ -307,8 +311,8 @@ def _held_out_loss(model, rows, batch_size: int, pad_id: int, acc) -> float:
     with torch.no_grad():
         for idx in eval_order(rows, batch_size)[acc.process_index :: acc.num_processes]:
             batch = {k: v.to(acc.device) for k, v in collate([rows[i] for i in idx], pad_id).items()}
-            with acc.autocast():
-                summed, n = _summed_loss(model, batch)
+            with autocast():
+                summed, n = summed_loss(model, batch)
             total, count = total + summed.item(), count + n
     total = float(acc.reduce(torch.tensor(total, device=acc.device), "sum"))
     count = int(acc.reduce(torch.tensor(count, device=acc.device), "sum"))

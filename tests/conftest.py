@@ -142,6 +142,7 @@ data:
     response: "{{answer}}"
   max_length: 128
 train:
+  precision: fp32   # exact comparisons (resume, checkpointing) need it; auto is tested on its own
   seed: 7
   max_steps: 4
   micro_batch_size: 4

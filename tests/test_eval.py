@@ -46,6 +46,29 @@ def test_loss_and_perplexity_equal_a_manual_sum_of_token_logprobs(tiny_model_dir
     assert math.exp(record["loss_sum"] / n) == pytest.approx(math.exp(manual / n), rel=1e-5)
 
 
+def test_choice_scores_in_one_forward_equal_one_forward_per_choice(tiny_model_dir):
+    from llamatune.data.encode import Example
+    from llamatune.evaluation import _choice_scores, prompt_ids
+
+    target = load_target(tiny_model_dir)
+    tok = target.tokenizer
+    choices = ("yes", "no", "maybe")
+    base = encode(tok, "Does the abstract support the claim? Answer with one of: yes, no, maybe.", "maybe")
+    example = Example(base.input_ids, base.labels, choices)
+    got = _choice_scores(target.model, tok, example)
+    trained = tok.decode([t for t in example.labels if t != -100])
+    suffix = trained[len("maybe"):]
+    prompt = prompt_ids(example)
+    for choice, score_ in zip(choices, got["choice_logprobs"]):
+        completion = tok(choice + suffix, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt + completion])
+        with torch.no_grad():
+            logprobs = target.model(input_ids=ids).logits[0].float().log_softmax(-1)
+        manual = sum(float(logprobs[len(prompt) - 1 + j, t]) for j, t in enumerate(completion))
+        assert score_ == pytest.approx(manual, rel=1e-4, abs=1e-4)
+    assert got["gold"] == "maybe" and got["predicted"] in choices
+
+
 @pytest.fixture(scope="module")
 def fixed_answer_run(tmp_path_factory, tiny_model_dir):
     """An adapter trained to answer 'Yes' to every question (classification with labels Yes / No)."""

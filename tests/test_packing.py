@@ -6,7 +6,7 @@ import torch
 from llamatune.data.batches import collate, pack, unpacked
 from llamatune.data.encode import encode
 from llamatune.model import load_tokenizer
-from llamatune.train import _summed_loss
+from llamatune.loss import summed_loss
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +31,11 @@ def test_pack_fills_rows_without_splitting_examples(model_and_examples):
 def test_packed_loss_equals_unpacked_loss(model_and_examples):
     model, examples, pad = model_and_examples
     with torch.no_grad():
-        loss_u, n_u = _summed_loss(model, collate(unpacked(examples), pad))
+        loss_u, n_u = summed_loss(model, collate(unpacked(examples), pad))
         rows = pack(examples, max_length=128, seed=0)
         batch = collate(rows, pad)
         assert batch["attention_mask"].shape == (len(rows), 1, batch["input_ids"].shape[1], batch["input_ids"].shape[1])
-        loss_p, n_p = _summed_loss(model, batch)
+        loss_p, n_p = summed_loss(model, batch)
     assert n_p == n_u
     torch.testing.assert_close(loss_p / n_p, loss_u / n_u, rtol=0, atol=1e-5)
 
@@ -48,6 +48,6 @@ def test_packing_without_the_block_mask_would_leak(model_and_examples):
     width = batch["input_ids"].shape[1]
     leaky = dict(batch, attention_mask=torch.ones(width, width, dtype=torch.bool).tril().expand(len(rows), 1, width, width).clone())
     with torch.no_grad():
-        loss_ok, n = _summed_loss(model, batch)
-        loss_leak, _ = _summed_loss(model, leaky)
+        loss_ok, n = summed_loss(model, batch)
+        loss_leak, _ = summed_loss(model, leaky)
     assert (loss_ok / n - loss_leak / n).abs() > 1e-4  # 10x the tolerance of the equivalence test

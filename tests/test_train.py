@@ -7,7 +7,8 @@ from typer.testing import CliRunner
 
 from llamatune.cli import app
 from llamatune.recipe import load_recipe
-from llamatune.train import _summed_loss, train
+from llamatune.loss import summed_loss
+from llamatune.train import train
 
 RUN_FILES = {"recipe.yaml", "adapter", "tokenizer", "metrics.jsonl", "summary.json", "data_manifest.json", "loss.png"}
 
@@ -78,7 +79,7 @@ def test_summed_loss_matches_transformers_mean_loss(tiny_model_dir):
     labels[0, :3] = -100
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
              "position_ids": torch.arange(ids.shape[1])[None]}
-    summed, n = _summed_loss(model, batch)
+    summed, n = summed_loss(model, batch)
     reference = model(input_ids=ids, labels=labels).loss
     assert n == 4
     torch.testing.assert_close(summed / n, reference)

@@ -1,0 +1,112 @@
+"""The training loss: summed next-token cross-entropy over label tokens only.
+
+Two savings over `model(...).logits` + `F.cross_entropy` (same value and gradient, see
+tests/test_speed_paths.py): positions whose next token is not trained (prompts, padding) never reach the
+vocabulary projection (`logits_to_keep`), and when that projection is a frozen plain Linear (the usual
+tied lm_head) it runs chunk by chunk with its gradient, so no [tokens, vocabulary] tensor is kept.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llamatune.data.encode import IGNORE_INDEX
+
+_CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MiB in fp32): big enough for an efficient matmul
+
+
+class _Passthrough(nn.Module):
+    """Stands in for lm_head during one forward, so the model returns final hidden states."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+
+def summed_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over label tokens, and their count.
+
+    Shapes: input_ids/labels [B, T]; the prediction at t is scored against the label at t+1.
+    """
+    import torch.nn.functional as F
+
+    labels = batch["labels"]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position t is scored when token t+1 is trained
+    targets = labels[:, 1:][keep[:, :-1]]
+    # Columns needed by at least one row (a 1-D logits_to_keep works on every supported transformers);
+    # `chosen` then picks each row's own positions, in the same row-major order as `targets`.
+    columns = keep.any(0).nonzero().squeeze(1)
+    chosen = keep[:, columns]
+    mask = batch["attention_mask"]
+    # A [B, T] padding mask only hides right padding, which causal attention already keeps away from
+    # real tokens: without it, SDPA takes its fused kernel. Packed rows keep their block-diagonal mask.
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=None if mask.dim() == 2 else mask,
+                  position_ids=batch["position_ids"], logits_to_keep=columns)
+    found = _frozen_head(model)
+    if found is None:
+        logits = model(**inputs).logits[chosen]  # [label tokens, V]
+        return F.cross_entropy(logits.float(), targets, reduction="sum"), targets.numel()
+    owner, head = found
+    owner.lm_head = _Passthrough()
+    try:
+        hidden = model(**inputs).logits[chosen]  # [label tokens, H]
+    finally:
+        owner.lm_head = head
+    return linear_cross_entropy(hidden, head.weight, targets), targets.numel()
+
+
+def _frozen_head(model):
+    """(the causal LM, its lm_head) when lm_head is a frozen, unsharded plain Linear; else None."""
+    inner = getattr(model, "module", model)  # DDP
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # peft
+    head = getattr(inner, "lm_head", None)
+    vocab = getattr(getattr(inner, "config", None), "vocab_size", None)
+    if type(head) is not nn.Linear or head.weight.requires_grad or head.bias is not None:
+        return None  # an adapted or quantized head, or one with a bias: the model computes it
+    if head.weight.dim() != 2 or head.weight.shape[0] != vocab:
+        return None  # sharded (FSDP): the full weight only exists inside the wrapped forward
+    return inner, head
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight.T, target_i), projected chunk by chunk; the gradient with respect to
+    hidden is computed in the same pass, so no [N, vocab] tensor outlives its chunk. weight is frozen."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        chunk = max(1, _CHUNK_ELEMENTS // weight.size(0))
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        for start in range(0, hidden.size(0), chunk):
+            h, t = hidden[start : start + chunk], targets[start : start + chunk]
+            logits = (h @ weight.t()).float()  # under autocast the matmul runs in bf16; softmax stays fp32
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if grad is not None:
+                probs = torch.exp(logits.sub_(lse[:, None]))  # d CE / d logits = softmax - onehot
+                probs[torch.arange(t.numel(), device=t.device), t] -= 1.0
+                grad[start : start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, upstream: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * upstream.to(grad.dtype), None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of `hidden @ weight.T` against `targets` without materializing all logits.
+
+    Args:
+        hidden: [N, H] final hidden states of the positions that have a label.
+        weight: [V, H] frozen output projection (lm_head).
+        targets: [N] token ids.
+
+    Returns:
+        A scalar float32 tensor: the summed (not averaged) loss; differentiable with respect to hidden.
+    """
+    if weight.requires_grad:
+        raise ValueError("linear_cross_entropy computes no gradient for weight; it must be frozen")
+    return _LinearCrossEntropy.apply(hidden, weight, targets)

@@ -1,0 +1,112 @@
+"""The speed paths change cost, not maths: the loss equals plain full-logits cross-entropy (value and
+gradient), and FastDropout is inverted dropout with the requested rate."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llamatune.data.batches import collate, pack, unpacked
+from llamatune.data.encode import IGNORE_INDEX, Example
+from llamatune.dropout import FastDropout, use_fast_dropout
+from llamatune.loss import _frozen_head, linear_cross_entropy, summed_loss
+from llamatune.schema import LoraSpec
+
+
+def _examples(n: int, seed: int = 0) -> list[Example]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = int(torch.randint(6, 20, (1,), generator=g))
+        ids = torch.randint(3, 200, (length,), generator=g).tolist()
+        cut = length // 2  # first half prompt (no labels), second half answer
+        out.append(Example(input_ids=ids, labels=[IGNORE_INDEX] * cut + ids[cut:]))
+    return out
+
+
+def _reference(model, batch):
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"]).logits
+    targets = batch["labels"][:, 1:]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum"), int((targets != IGNORE_INDEX).sum())
+
+
+@pytest.fixture
+def lora_model(tiny_model_dir):
+    from llamatune import model as models
+    from llamatune.schema import ModelSpec, QuantizationSpec
+
+    base = models.load_base(str(tiny_model_dir), ModelSpec(path=str(tiny_model_dir)), QuantizationSpec())
+    return models.apply_lora(base, LoraSpec(r=4, alpha=8, dropout=0.0), False, False).train()
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_summed_loss_matches_full_logits_cross_entropy(lora_model, packed, monkeypatch):
+    examples = _examples(6)
+    rows = pack(examples, 64, seed=1) if packed else unpacked(examples)
+    batch = collate(rows, pad_id=0)
+    assert _frozen_head(lora_model) is not None  # the chunked projection is the path under test
+    expected, n_expected = _reference(lora_model, batch)
+    expected.backward()
+    want = _grads(lora_model)
+    lora_model.zero_grad()
+    monkeypatch.setattr("llamatune.loss._CHUNK_ELEMENTS", 7 * 256)  # several chunks even on the tiny vocabulary
+    got, n = summed_loss(lora_model, batch)
+    got.backward()
+    assert n == n_expected > 0
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    for name, grad in _grads(lora_model).items():
+        torch.testing.assert_close(grad, want[name], rtol=1e-4, atol=1e-6)
+
+
+def test_summed_loss_without_a_frozen_head_uses_the_model_logits(lora_model):
+    inner = lora_model.get_base_model()
+    inner.lm_head.weight.requires_grad_(True)  # an adapted/trained head: the chunked path must step aside
+    batch = collate(unpacked(_examples(3)), pad_id=0)
+    got, _ = summed_loss(lora_model, batch)
+    expected, _ = _reference(lora_model, batch)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    got.backward()
+    assert inner.lm_head.weight.grad is not None and inner.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_linear_cross_entropy_refuses_a_trainable_weight():
+    with pytest.raises(ValueError, match="frozen"):
+        linear_cross_entropy(torch.randn(2, 4), torch.randn(5, 4, requires_grad=True), torch.tensor([0, 1]))
+
+
+def test_a_micro_batch_without_labels_gives_zero_loss(lora_model):
+    example = Example(input_ids=[5, 6, 7], labels=[IGNORE_INDEX] * 3)
+    got, n = summed_loss(lora_model, collate(unpacked([example]), pad_id=0))
+    assert n == 0 and got.item() == 0.0
+
+
+def test_fast_dropout_drops_at_the_requested_rate_and_keeps_the_mean():
+    torch.manual_seed(0)
+    x = torch.ones(200_000)
+    y = FastDropout(0.1).train()(x)
+    dropped = float((y == 0).float().mean())
+    assert abs(dropped - 0.1) < 0.005
+    assert abs(float(y.mean()) - 1.0) < 0.01  # inverted: survivors scaled by 1/(1-p)
+    assert torch.equal(FastDropout(0.1).eval()(x), x)
+    torch.manual_seed(3)
+    a = FastDropout(0.3).train()(torch.ones(999))
+    torch.manual_seed(3)
+    assert torch.equal(a, FastDropout(0.3).train()(torch.ones(999)))  # seeded by torch's generator
+    with pytest.raises(ValueError):
+        FastDropout(1.0)
+
+
+def test_use_fast_dropout_replaces_peft_dropout_only(tiny_model_dir):
+    from llamatune import model as models
+    from llamatune.schema import ModelSpec, QuantizationSpec
+
+    base = models.load_base(str(tiny_model_dir), ModelSpec(path=str(tiny_model_dir)), QuantizationSpec())
+    model = models.apply_lora(base, LoraSpec(r=4, alpha=8, dropout=0.05), False, False)
+    n = use_fast_dropout(model)
+    assert n > 0 and n == sum(isinstance(m, FastDropout) for m in model.modules())
+    assert not any(type(m) is torch.nn.Dropout and m.p > 0 for m in model.modules())
