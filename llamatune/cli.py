@@ -168,6 +168,55 @@ def init_command(
     _run(body)
 
 
+@app.command("plan")
+def plan_command(
+    recipe: Path = RecipeArg,
+    overrides: Optional[List[str]] = SetOpt,
+    device: str = typer.Option("cpu", "--device", help="cpu (this machine) | a100-40gb | a100-80gb | h100-80gb | "
+                               "h200-141gb | l4-24gb | a10g-24gb | rtx4090-24gb | rtx3090-24gb | t4-16gb | v100-16gb"),
+) -> None:
+    """Estimate RECIPE's peak memory on a device (weights, adapter, optimizer, activations, logits) and suggest a micro-batch."""
+
+    def body() -> None:
+        from llamatune import plan as planning
+
+        parsed, _ = _load_checked(recipe, overrides)
+        if device != "cpu" and device not in planning.DEVICES:
+            raise RecipeError([f"--device: {device!r} is not one of cpu, {', '.join(planning.DEVICES)}"])
+        _quiet_libraries()
+        import peft  # noqa: F401  (imported before measuring: training imports it too)
+        from transformers import AutoConfig
+
+        from llamatune.data.pipeline import build_datasets
+        from llamatune.model import load_tokenizer, resolve
+
+        runtime = planning.runtime_resident_bytes() if device == "cpu" else int(0.75 * planning.GiB)
+        ref = resolve(parsed.model, out.print)
+        totals = build_datasets(parsed.data, load_tokenizer(ref), parsed.train.seed).manifest["totals"]
+        target = planning.this_machine() if device == "cpu" else planning.DEVICES[device]
+        planning.show(planning.estimate(parsed, AutoConfig.from_pretrained(ref), target, totals["longest_row"], runtime), out)
+
+    _run(body)
+
+
+@app.command("bench")
+def bench_command(
+    recipe: Path = RecipeArg,
+    overrides: Optional[List[str]] = SetOpt,
+    steps: int = typer.Option(5, "--steps", min=2, help="Training steps to time (the first one is not counted)."),
+) -> None:
+    """Time a few real training steps of RECIPE here: tokens/s, peak memory, and the projected time of the full run."""
+
+    def body() -> None:
+        _load_checked(recipe, overrides)
+        _quiet_libraries()
+        from llamatune.bench import run_bench
+
+        run_bench(recipe, overrides or [], steps, out)
+
+    _run(body)
+
+
 @app.command()
 def schema() -> None:
     """Print every recipe key with its type, default and meaning."""

@@ -38,10 +38,25 @@ class FastDropout(nn.Module):
         words = torch.empty((n + 2) // 3, dtype=torch.int64, device=x.device).random_()
         uniform = words.view(torch.int16).view(-1, 4)[:, _LOW_WORDS]
         keep = (uniform >= self.threshold).reshape(-1)[:n].view(x.shape)
-        return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))
+        return _MaskedScale.apply(x, keep, 1.0 / (1.0 - self.p))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+class _MaskedScale(torch.autograd.Function):
+    """x * keep * scale that saves the boolean mask (1 byte per element) for backward, not a float copy."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return x * keep * scale
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (keep,) = ctx.saved_tensors
+        return grad * keep * ctx.scale, None, None
 
 
 def use_fast_dropout(model: nn.Module) -> int:

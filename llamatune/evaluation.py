@@ -112,12 +112,15 @@ def score(target: Target, examples: list[Example], adapter: bool, generate: bool
     with torch.no_grad(), switch:
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
-            losses = _row_losses(model, collate(unpacked(chunk), tok.pad_token_id))
+            choices = [_choice_scores(model, tok, e) if e.choices else None for e in chunk]
+            # The gold choice's score is the answer loss when it was tokenized as in training: skip a second forward.
+            rest = [i for i, c in enumerate(choices) if c is None or "loss_sum" not in c]
+            losses = dict(zip(rest, _row_losses(model, collate(unpacked([chunk[i] for i in rest]), tok.pad_token_id)))) if rest else {}
             texts = _generate(model, tok, chunk, max_new_tokens) if generate else [None] * len(chunk)
-            for example, (loss_sum, n), text in zip(chunk, losses, texts):
-                record: dict = {"loss_sum": loss_sum, "tokens": n}
+            for i, (example, text) in enumerate(zip(chunk, texts)):
+                record: dict = {"loss_sum": losses[i][0], "tokens": losses[i][1]} if i in losses else {}
                 if example.choices:
-                    record.update(_choice_scores(model, tok, example))
+                    record.update(choices[i])
                 elif text is not None:
                     reference = reference_text(tok, example)
                     record.update(prediction=text, exact_match=exact_match(text, reference),
@@ -139,15 +142,26 @@ def reference_text(tokenizer, example: Example) -> str:
 
 
 def _row_losses(model, batch: dict) -> list[tuple[float, int]]:
-    """Summed answer-token cross-entropy and answer-token count of every row. Shapes: logits [B, T, V]."""
+    """Summed answer-token cross-entropy and answer-token count of every row.
+
+    Only positions that predict an answer token reach the vocabulary projection (as in training's loss):
+    a classification prompt of 500 tokens with a 2-token answer costs 2 rows of logits, not 500.
+    """
+    import torch
     import torch.nn.functional as F
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"]).logits.float()
-    targets = batch["labels"][:, 1:]
-    per_token = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
-    mask = targets != IGNORE_INDEX
-    return [(float(per_token[r][mask[r]].sum()), int(mask[r].sum())) for r in range(len(targets))]
+    labels = batch["labels"]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    columns = keep.any(0).nonzero().squeeze(1)
+    chosen = keep[:, columns]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+                   logits_to_keep=columns).logits[chosen].float()
+    per_token = F.cross_entropy(logits, labels[:, 1:][keep[:, :-1]], reduction="none")
+    rows = keep.nonzero()[:, 0]  # the row of each kept position, in the same row-major order
+    sums = torch.zeros(len(labels), dtype=per_token.dtype).index_add_(0, rows, per_token)
+    counts = keep.sum(1)
+    return [(float(sums[r]), int(counts[r])) for r in range(len(labels))]
 
 
 def _choice_scores(model, tok, example: Example) -> dict:
@@ -184,8 +198,13 @@ def _choice_scores(model, tok, example: Example) -> dict:
     lengths = [len(c) for c in completions]
     best = max(range(len(scores)), key=scores.__getitem__)
     best_norm = max(range(len(scores)), key=lambda i: scores[i] / lengths[i])
-    return {"gold": gold, "predicted": example.choices[best], "accuracy": float(example.choices[best] == gold),
-            "accuracy_norm": float(example.choices[best_norm] == gold), "choice_logprobs": scores}
+    out = {"gold": gold, "predicted": example.choices[best], "accuracy": float(example.choices[best] == gold),
+           "accuracy_norm": float(example.choices[best_norm] == gold), "choice_logprobs": scores}
+    g = example.choices.index(gold)
+    if completions[g] == [t for t in example.labels if t != IGNORE_INDEX][-len(completions[g]):] and \
+            len(completions[g]) == sum(1 for t in example.labels[1:] if t != IGNORE_INDEX):
+        out.update(loss_sum=-scores[g], tokens=len(completions[g]))  # the trained tokens, scored in this same forward
+    return out
 
 
 def _generate(model, tok, examples: list[Example], max_new_tokens: int) -> list[str | None]:

@@ -44,7 +44,8 @@ class TrainResult:
 
 
 def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console: Console | None = None,
-          resume: str | None = None, force_resume: bool = False, save_on_signal: str | None = None) -> TrainResult:
+          resume: str | None = None, force_resume: bool = False, save_on_signal: str | None = None,
+          evaluate_held_out: bool = True) -> TrainResult:
     """Fine-tunes a LoRA adapter as the recipe says and writes a run directory.
 
     Args:
@@ -57,6 +58,7 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
         force_resume: Resume even if the recipe or the data changed since the checkpoint.
         save_on_signal: Another signal (e.g. "USR1", which Slurm can send before a time limit) that
             checkpoints and stops like SIGTERM.
+        evaluate_held_out: False skips every held-out evaluation (`llamatune bench` times steps only).
 
     Returns:
         The summary written to summary.json and the trained model.
@@ -117,6 +119,8 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
     # ---- schedule: everything derived from the recipe, printed before the first step --------------
     world, rank = acc.num_processes, acc.process_index
     totals = data.manifest["totals"]
+    # Unpacked rows are batched with rows of similar length, so padding stays small (packed ones are full).
+    lengths = None if recipe.data.packing else [sum(len(e.input_ids) for e in row) for row in data.train]
     micro_per_epoch = len(epoch_order(len(data.train), cfg.micro_batch_size, cfg.seed, 0, world)) // world
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
@@ -168,7 +172,7 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
                  "scheduler": scheduler.state_dict(), "data_fingerprint": data_fingerprint}
         return checkpoint.save(run_dir / "checkpoints", step, acc.unwrap_model(model), optimizer, state, cfg.keep_last, acc)
 
-    if eval_before is None:
+    if eval_before is None and evaluate_held_out:
         eval_before = evaluate(0)
     if ckpt is not None:
         checkpoint.restore_rng(ckpt, rank)  # last, so nothing above consumes the restored randomness
@@ -182,7 +186,7 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
         for step in range(start, total_steps):
             epoch, k = divmod(step, steps_per_epoch)
             if epoch not in orders:  # the order depends only on (seed, epoch): resume lands on the same batches
-                orders = {epoch: epoch_order(len(data.train), cfg.micro_batch_size, cfg.seed, epoch, world)[rank::world]}
+                orders = {epoch: epoch_order(len(data.train), cfg.micro_batch_size, cfg.seed, epoch, world, lengths)[rank::world]}
             t0 = time.perf_counter()
             groups = [[data.train[i] for i in idx] for idx in orders[epoch][k * cfg.grad_accum : (k + 1) * cfg.grad_accum]]
             batches = [collate(rows, tokenizer.pad_token_id) for rows in groups]
@@ -234,7 +238,7 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
                     "or use float32."
                 )
             # Evaluate before saving, so a checkpoint carries the early-stopping state of its own step.
-            if cfg.eval_every and done % cfg.eval_every == 0 and done < total_steps:
+            if evaluate_held_out and cfg.eval_every and done % cfg.eval_every == 0 and done < total_steps:
                 held = evaluate(done)
                 # "Improved" means lower by more than 1e-4: float noise must not reset the patience.
                 best, waited = (held, 0) if held < best - 1e-4 else (best, waited + 1)
@@ -252,7 +256,7 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
             if done == last:
                 break
     train_s = time.perf_counter() - started
-    eval_after = evaluate(last)
+    eval_after = evaluate(last) if evaluate_held_out else None
 
     # ---- artifacts -----------------------------------------------------------------------------
     summary = {
@@ -288,7 +292,8 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
     metrics.close()
     if acc.is_main_process:
         write_loss_curve(run_dir)
-    say(f"[bold green]done[/] run directory: {run_dir}  held-out loss {eval_before:.4f} → {eval_after:.4f}")
+    say(f"[bold green]done[/] run directory: {run_dir}"
+        + (f"  held-out loss {eval_before:.4f} → {eval_after:.4f}" if eval_after is not None else ""))
     return TrainResult(summary=summary, model=acc.unwrap_model(model))
 
 

@@ -134,6 +134,18 @@ def test_epoch_order_covers_every_row_and_balances_processes():
     assert len(multi) % 2 == 0 and all(len(b) == 3 for b in multi)
 
 
+def test_length_grouped_order_covers_every_row_once_with_less_padding():
+    import random
+
+    lengths = [random.Random(i).randint(10, 500) for i in range(1000)]
+    plain, grouped = epoch_order(1000, 4, seed=1, epoch=0), epoch_order(1000, 4, seed=1, epoch=0, lengths=lengths)
+    assert sorted(i for b in grouped for i in b) == list(range(1000))
+    padding = lambda order: sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in order)  # noqa: E731
+    assert padding(grouped) < 0.1 * padding(plain)
+    assert grouped == epoch_order(1000, 4, seed=1, epoch=0, lengths=lengths) != epoch_order(1000, 4, 1, 1, lengths=lengths)
+    assert len({len(b) for b in epoch_order(1000, 3, 1, 0, world_size=2, lengths=lengths)}) == 1  # no process waits
+
+
 def test_duplicates_are_removed_before_the_held_out_split(tmp_path, tokenizer):
     """Regression (LegalBench overruling has 890 repeated rows): copies of one record must not land
     on both sides of a fraction split and then fail the overlap check."""

@@ -67,6 +67,12 @@ def test_choice_scores_in_one_forward_equal_one_forward_per_choice(tiny_model_di
         manual = sum(float(logprobs[len(prompt) - 1 + j, t]) for j, t in enumerate(completion))
         assert score_ == pytest.approx(manual, rel=1e-4, abs=1e-4)
     assert got["gold"] == "maybe" and got["predicted"] in choices
+    from llamatune.data.batches import collate, unpacked
+    from llamatune.evaluation import _row_losses
+
+    with torch.no_grad():
+        [(loss_sum, n)] = _row_losses(target.model, collate(unpacked([example]), tok.pad_token_id))
+    assert got["tokens"] == n and got["loss_sum"] == pytest.approx(loss_sum, rel=1e-4)  # one forward serves both
 
 
 @pytest.fixture(scope="module")

@@ -99,6 +99,9 @@ def test_fast_dropout_drops_at_the_requested_rate_and_keeps_the_mean():
     assert torch.equal(a, FastDropout(0.3).train()(torch.ones(999)))  # seeded by torch's generator
     with pytest.raises(ValueError):
         FastDropout(1.0)
+    x = torch.ones(1000, requires_grad=True)
+    FastDropout(0.2).train()(x).sum().backward()  # gradient: 1/(1-p) where kept, 0 where dropped
+    assert set(x.grad.unique().tolist()) <= {0.0, 1.25} and abs(float((x.grad == 0).float().mean()) - 0.2) < 0.05
 
 
 def test_use_fast_dropout_replaces_peft_dropout_only(tiny_model_dir):

@@ -8,6 +8,7 @@ from typing import Sequence
 from llamatune.data.encode import IGNORE_INDEX, Example
 
 Row = tuple[Example, ...]  # one sequence of the batch: a single example, or several packed ones
+GROUP = 32  # micro-batches per length-sorting window: small enough to stay random, large enough to match lengths
 
 
 def pack(examples: Sequence[Example], max_length: int, seed: int) -> list[Row]:
@@ -38,8 +39,14 @@ def unpacked(examples: Sequence[Example]) -> list[Row]:
     return [(e,) for e in examples]
 
 
-def epoch_order(n: int, micro_batch_size: int, seed: int, epoch: int, world_size: int = 1) -> list[list[int]]:
+def epoch_order(n: int, micro_batch_size: int, seed: int, epoch: int, world_size: int = 1,
+                lengths: Sequence[int] | None = None) -> list[list[int]]:
     """Shuffles row indices for one epoch and cuts them into micro-batches.
+
+    With `lengths` (unpacked rows), micro-batches are grouped by length: the shuffled order is cut into
+    windows of GROUP micro-batches, each window is sorted by length and cut, and the micro-batches are
+    shuffled again. Every micro-batch then holds rows of similar length (little padding) while an
+    epoch still sees every row once in a seeded random order of batches.
 
     The order depends only on (seed, epoch), so every process computes the same list and a run can
     be replayed. With several processes the permutation wraps around to a multiple of
@@ -50,12 +57,19 @@ def epoch_order(n: int, micro_batch_size: int, seed: int, epoch: int, world_size
         A list of micro-batches, each a list of row indices; process `rank` takes every
         world_size-th micro-batch starting at `rank`.
     """
+    rng = random.Random(f"{seed}-{epoch}")
     order = list(range(n))
-    random.Random(f"{seed}-{epoch}").shuffle(order)
+    rng.shuffle(order)
     if world_size > 1:
         chunk = micro_batch_size * world_size
         order += order[: (-len(order)) % chunk]
-    return [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+    if lengths is not None:
+        window = GROUP * micro_batch_size
+        order = [i for w in range(0, len(order), window) for i in sorted(order[w : w + window], key=lengths.__getitem__)]
+    batches = [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+    if lengths is not None:
+        rng.shuffle(batches)  # long and short batches interleave; every process shuffles alike
+    return batches
 
 
 def eval_order(rows: Sequence[Row], batch_size: int) -> list[list[int]]:

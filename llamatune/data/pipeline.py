@@ -258,6 +258,7 @@ def _totals(train: list[Example], held_out: list[Example], rows: list[Row], max_
         "train_tokens": tokens,
         "train_label_tokens": sum(e.n_label_tokens for e in train),
         "train_rows": len(rows),
+        "longest_row": max((sum(len(e.input_ids) for e in row) for row in rows), default=0),  # tokens: sizes the peak batch
         # share of the padded batch area that holds real tokens when rows are padded to max_length
         "packing_efficiency": round(tokens / (len(rows) * max_length), 4) if rows else 0.0,
     }

@@ -1,0 +1,127 @@
+"""`llamatune bench RECIPE --steps N`: time N real training steps of a recipe on this machine and project
+the full run; put the measured peak memory next to `llamatune plan`'s estimate.
+
+The steps run through the same train() as `llamatune train` (same batches, precision, loss), into a
+temporary run directory, without the held-out evaluations; one held-out batch is timed separately to
+project the two evaluations every run does (before and after training).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+
+def run_bench(recipe_path: Path, overrides: list[str], steps: int, console: Console) -> dict:
+    """Runs the benchmark and prints its report.
+
+    Returns:
+        The numbers printed: tokens_per_s, step_s, peak_rss_gib, plan_gib, projected_s and their parts.
+    """
+    import torch
+
+    from llamatune import plan as planning
+    from llamatune.recipe import load_recipe
+    from llamatune.train import _held_out_loss, peak_rss_gib, train
+
+    runtime = planning.runtime_resident_bytes()  # before the model loads: what plan calls "runtime"
+    recipe = load_recipe(recipe_path, overrides)
+    short = load_recipe(recipe_path, [*overrides, f"train.max_steps={steps}", "train.log_every=1", "train.save_every=null",
+                                      "train.tensorboard=false"])
+    quiet = Console(quiet=True)
+    with tempfile.TemporaryDirectory(prefix="llamatune-bench-") as tmp:
+        t0 = time.perf_counter()
+        result = train(short, "bench", run_dir=Path(tmp) / "run", console=quiet, evaluate_held_out=False)
+        wall = time.perf_counter() - t0
+        lines = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+        eval_s = _time_held_out(recipe, result, _held_out_loss, torch)  # reads the run's tokenizer
+    steps_logged = [m for m in lines if "tokens_per_s" in m]
+    elapsed = [m["elapsed_s"] for m in steps_logged]
+    durations = [b - a for a, b in zip([0.0] + elapsed, elapsed)]
+    steady = durations[1:] or durations  # the first step pays one-time costs (allocator, kernels)
+    step_s = statistics.median(steady)
+    tokens_per_step = [m["tokens"] - p for m, p in zip(steps_logged, [0] + [m["tokens"] for m in steps_logged])]
+    tokens_per_s = sum(tokens_per_step[1:] or tokens_per_step) / sum(steady)
+    totals = result.summary["data"]
+
+    # ---- the full recipe: its steps, tokens and two held-out passes ----
+    cfg = recipe.train
+    micro_per_epoch = math.ceil(totals["train_rows"] / cfg.micro_batch_size)
+    full_steps = cfg.max_steps or cfg.epochs * math.ceil(micro_per_epoch / cfg.grad_accum)
+    mean_step_tokens = totals["train_tokens"] / math.ceil(micro_per_epoch / cfg.grad_accum)
+    train_s = full_steps * mean_step_tokens / tokens_per_s
+    evals = 2 + (full_steps // cfg.eval_every if cfg.eval_every else 0)
+    projected = train_s + evals * eval_s
+    peak = peak_rss_gib() if not torch.cuda.is_available() else torch.cuda.max_memory_allocated() / 2**30
+    estimate = _plan_gib(recipe, totals, runtime)
+    report = {"steps": steps, "tokens_per_s": round(tokens_per_s, 1), "step_s": round(step_s, 3),
+              "peak_memory_gib": round(peak, 2), "memory": "GPU allocated" if torch.cuda.is_available() else "process RSS",
+              "plan_estimate_gib": round(estimate, 2) if estimate else None, "full_steps": full_steps,
+              "projected_train_s": round(train_s), "projected_eval_s": round(evals * eval_s), "projected_total_s": round(projected),
+              "bench_wall_s": round(wall, 1), "precision": result.summary["precision"], "device": result.summary["device"]}
+    _show(report, console)
+    return report
+
+
+def _time_held_out(recipe, result, held_out_loss, torch) -> float:
+    """Seconds for one held-out pass, from timing up to 16 held-out examples and scaling by tokens."""
+    from accelerate import Accelerator
+
+    from llamatune.data.pipeline import build_datasets
+    from llamatune.model import training_precision
+
+    model = result.model
+    tokenizer = _tokenizer_of(result)
+    data = build_datasets(recipe.data, tokenizer, recipe.train.seed)
+    if not data.eval:
+        return 0.0
+    sample = data.eval[:16]
+    precision = training_precision(recipe.train.precision)
+    autocast = (lambda: torch.autocast(model.device.type, dtype=torch.bfloat16)) if precision == "bf16" else _no_autocast
+    t0 = time.perf_counter()
+    held_out_loss(model, sample, recipe.train.micro_batch_size, tokenizer.pad_token_id, Accelerator(), autocast)
+    seconds = time.perf_counter() - t0
+    count = lambda rows: sum(len(e.input_ids) for row in rows for e in row)  # noqa: E731
+    return seconds * count(data.eval) / max(count(sample), 1)
+
+
+def _no_autocast():
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
+def _tokenizer_of(result):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(Path(result.summary["run_dir"]) / "tokenizer")
+
+
+def _plan_gib(recipe, totals, runtime: int) -> float | None:
+    import torch
+    from transformers import AutoConfig
+
+    from llamatune import plan as planning
+    from llamatune.model import resolve
+
+    if torch.cuda.is_available():
+        return None  # the GPU plan needs the device's name; `llamatune plan --device` gives it
+    config = AutoConfig.from_pretrained(resolve(recipe.model, lambda *_: None))
+    return planning.estimate(recipe, config, planning.this_machine(), totals["longest_row"], runtime).total / 2**30
+
+
+def _show(r: dict, console: Console) -> None:
+    minutes = lambda s: f"{s / 60:.1f} min" if s >= 90 else f"{s:.0f} s"  # noqa: E731
+    console.print(f"[bold]bench[/] {r['steps']} steps on {r['device']} ({r['precision']}): "
+                  f"{r['tokens_per_s']:,.0f} tokens/s, {r['step_s']:.2f} s/step (median after the first)")
+    plan = f" | plan estimated {r['plan_estimate_gib']:.2f} GiB" if r["plan_estimate_gib"] else ""
+    console.print(f"peak memory {r['peak_memory_gib']:.2f} GiB ({r['memory']}){plan}")
+    console.print(f"full recipe: {r['full_steps']} steps ≈ {minutes(r['projected_train_s'])} training + "
+                  f"{minutes(r['projected_eval_s'])} held-out evaluation ≈ [bold]{minutes(r['projected_total_s'])}[/]"
+                  f" (bench took {r['bench_wall_s']:.0f} s)")

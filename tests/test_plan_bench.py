@@ -1,0 +1,85 @@
+"""`llamatune plan` against what autograd really keeps, and `llamatune bench` end to end on the tiny model."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from llamatune import plan as planning
+from llamatune.cli import app
+from llamatune.recipe import load_recipe
+
+
+def _saved_bytes(model, batch, precision: str) -> int:
+    """Bytes of the tensors autograd saves for backward in one forward (parameters excluded)."""
+    from llamatune.loss import summed_loss
+
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            summed_loss(model, batch)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(v for k, v in seen.items() if k not in params)
+
+
+@pytest.mark.parametrize("precision,dropout", [("fp32", 0.05), ("fp32", 0.0), ("bf16", 0.05)])
+def test_activation_estimate_matches_the_saved_tensors(tiny_model_dir, tiny_recipe, precision, dropout):
+    from transformers import AutoConfig
+
+    from llamatune import model as models
+    from llamatune.dropout import use_fast_dropout
+    from llamatune.schema import LoraSpec, ModelSpec, QuantizationSpec
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    base = models.load_base(str(tiny_model_dir), ModelSpec(path=str(tiny_model_dir)), QuantizationSpec(), precision=precision)
+    model = models.apply_lora(base, LoraSpec(r=4, alpha=8, dropout=dropout), False, False)
+    use_fast_dropout(model)
+    model.train()
+    B, T = 4, 96
+    ids = torch.randint(5, 300, (B, T))
+    labels = ids.clone()
+    labels[:, : T // 2] = -100
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones(B, T, dtype=torch.long),
+             "position_ids": torch.arange(T).expand(B, T)}
+    measured = _saved_bytes(model, batch, precision)
+    s = planning.shape(config)
+    per = planning.activation_bytes_per_token_layer(s, 2 if precision == "bf16" else 4, dropout > 0,
+                                                    set(planning.linear_shapes(s)))
+    estimated = per * B * T * s["layers"]
+    assert 0.75 * measured <= estimated <= 1.25 * measured, (estimated, measured)
+
+
+def test_plan_parts_follow_the_recipe(tiny_model_dir, tiny_recipe):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    device = planning.DEVICES["a100-80gb"]
+    plan = lambda *sets: planning.estimate(load_recipe(tiny_recipe, ["train.precision=auto", *sets]), config, device, 128, 0)  # noqa: E731
+    base = plan()
+    assert base.precision == "bf16" and base.total == sum(base.parts.values()) and base.parts["weights"] > 0
+    assert plan("train.micro_batch_size=8").parts["activations"] == 2 * base.parts["activations"]
+    # 2 layers: checkpointing keeps layer inputs plus the one layer being recomputed
+    assert plan("train.gradient_checkpointing=true").parts["activations"] < base.parts["activations"] / 1.5
+    assert plan("quantization.mode=nf4").parts["weights"] < base.parts["weights"]
+    assert plan("train.optimizer=adamw_8bit").parts["adapter + grads + optimizer"] < base.parts["adapter + grads + optimizer"]
+    micro, accum = base.suggestion
+    assert micro * accum >= 8 and micro <= 8  # the recipe's effective batch (4 x 2) is kept
+
+
+def test_plan_and_bench_commands(tiny_model_dir, tiny_recipe):
+    runner = CliRunner()
+    planned = runner.invoke(app, ["plan", str(tiny_recipe), "--device", "rtx4090-24gb"])
+    assert planned.exit_code == 0, planned.output
+    assert "activations" in planned.output and "suggested: train.micro_batch_size=" in planned.output
+    wrong = runner.invoke(app, ["plan", str(tiny_recipe), "--device", "tpu"])
+    assert wrong.exit_code == 2 and "not one of cpu" in wrong.output
+    benched = runner.invoke(app, ["bench", str(tiny_recipe), "--steps", "3"])
+    assert benched.exit_code == 0, benched.output
+    assert "tokens/s" in benched.output and "peak memory" in benched.output and "full recipe: 4 steps" in benched.output
+    assert not (tiny_recipe.parent / "runs").exists()  # bench leaves no run directory behind
