@@ -22,6 +22,7 @@ from llamatune.data.pipeline import build_datasets, fingerprint
 from llamatune.data.batches import collate, epoch_order, eval_order
 from llamatune.data.encode import IGNORE_INDEX
 from llamatune.dropout import use_fast_dropout
+from llamatune.fused import use_lean_blocks
 from llamatune.loss import summed_loss
 from llamatune.plot import write_loss_curve
 from llamatune.progress import TrainProgress
@@ -110,6 +111,7 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
     model = models.apply_lora(base, recipe.lora, quantized, cfg.gradient_checkpointing)
     if acc.device.type == "cpu":  # CUDA's fused dropout is cheap; the CPU Bernoulli sampler is not
         use_fast_dropout(model)
+    use_lean_blocks(model)  # RMSNorm / SwiGLU that keep fewer tensors for backward
     load_s = time.perf_counter() - t_load
     trainable, total = models.count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -34,12 +34,14 @@ def test_activation_estimate_matches_the_saved_tensors(tiny_model_dir, tiny_reci
 
     from llamatune import model as models
     from llamatune.dropout import use_fast_dropout
+    from llamatune.fused import use_lean_blocks
     from llamatune.schema import LoraSpec, ModelSpec, QuantizationSpec
 
     config = AutoConfig.from_pretrained(tiny_model_dir)
     base = models.load_base(str(tiny_model_dir), ModelSpec(path=str(tiny_model_dir)), QuantizationSpec(), precision=precision)
     model = models.apply_lora(base, LoraSpec(r=4, alpha=8, dropout=dropout), False, False)
     use_fast_dropout(model)
+    use_lean_blocks(model)
     model.train()
     B, T = 4, 96
     ids = torch.randint(5, 300, (B, T))
