@@ -70,6 +70,7 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
+    from peft.helpers import disable_input_dtype_casting
     from transformers import get_scheduler
 
     console = console or Console(soft_wrap=True)
@@ -184,7 +185,11 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
     loss, bad, orders, last = float("nan"), 0, {}, total_steps
     nan_at = os.environ.get(checkpoint.FAULT_ENV)  # test hook, read once rather than per micro-batch
     extra = (getattr(signal, f"SIG{save_on_signal.upper().removeprefix('SIG')}"),) if save_on_signal else ()
-    with resume_from.StopSignals(extra) as stop, TrainProgress(total_steps, console, cfg.log_every, acc.is_main_process) as progress:
+    # Under autocast, peft's LoRA layers would copy each input to the adapter's fp32 and autocast would copy
+    # it back to bf16 for the matmul: two copies per adapted layer and step, for nothing.
+    lean_casts = disable_input_dtype_casting(model, active=precision in ("bf16", "fp16"))
+    with resume_from.StopSignals(extra) as stop, TrainProgress(total_steps, console, cfg.log_every, acc.is_main_process) as progress, \
+            lean_casts:
         for step in range(start, total_steps):
             epoch, k = divmod(step, steps_per_epoch)
             if epoch not in orders:  # the order depends only on (seed, epoch): resume lands on the same batches

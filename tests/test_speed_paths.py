@@ -144,3 +144,20 @@ def test_lean_blocks_give_the_same_loss_and_gradients(tiny_model_dir):
     error = lambda grads, name: float((grads[name] - ref_grads[name]).norm() / ref_grads[name].norm())  # noqa: E731
     for name in ref_grads:
         assert error(lean16, name) <= 1.5 * error(plain16, name) + 1e-3, name
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_bf16_training_with_lean_casts_lowers_the_loss_and_restores_peft_casting(tiny_recipe, tmp_path, quantization):
+    """bf16 autocast runs LoRA inputs uncast (no fp32 copies); after training, peft's casting is back on."""
+    pytest.importorskip("bitsandbytes")
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from llamatune.recipe import load_recipe
+    from llamatune.train import train
+
+    recipe = load_recipe(tiny_recipe, ["train.precision=bf16", f"quantization.mode={quantization}", "train.max_steps=6"])
+    result = train(recipe, "t", run_dir=tmp_path / "run")
+    assert result.summary["precision"] == "bf16"
+    assert result.summary["eval_loss_after"] < result.summary["eval_loss_before"]
+    layers = [m for m in result.model.modules() if isinstance(m, BaseTunerLayer)]
+    assert layers and all(m.cast_input_dtype_enabled for m in layers)
