@@ -95,6 +95,9 @@ class SourceSpec(_Spec):
                                   "assistant (human, gpt, bot and model are already known).")
     text: str = Field("{text}", description="text: template of the document.")
     options: str = Field("options", description="multiple_choice: field path of the options (a list, or a mapping letter -> text).")
+    answer_with: Literal["letter", "option"] = Field(
+        "letter", description="multiple_choice: the trained answer (and what eval scores): the option's letter, or the "
+        "option's text (cloze style: small models that cannot yet map letters to options still learn the content).")
     answer: str = Field("{answer}", description="multiple_choice: the correct letter or option text; classification: the label.")
     labels: tuple[str, ...] | None = Field(None, description="classification: the allowed labels (default: those found in the data).")
     encoding: str = Field("utf-8", description="Text encoding of the files.")

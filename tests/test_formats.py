@@ -109,3 +109,16 @@ def test_tatqa_shape_explode_with_table_and_paragraphs(tmp_path, tokenizer):
     text = tokenizer.decode(data.train[0][0].input_ids)
     assert " | 2019 | 2018\nRevenue | 10 | 8\nRevenue grew.\nQ: What was 2019 revenue?" in text
     assert "10 million<|im_end|>" in text
+
+
+def test_multiple_choice_can_train_and_score_the_option_text():
+    from llamatune.data.formats import multiple_choice
+    from llamatune.schema import SourceSpec
+
+    fields = {"question": "Which organ makes insulin?", "options": ["Liver", "Pancreas", "Spleen"], "answer": "B"}
+    spec = SourceSpec(path="x.jsonl", format="multiple_choice", prompt="{question}", answer_with="option")
+    rendered = multiple_choice(spec, fields, None, ())
+    assert rendered.turns[-1].content == "Pancreas" and rendered.choices == ("Liver", "Pancreas", "Spleen")
+    assert "B. Pancreas" in rendered.turns[-2].content and "text of the correct option" in rendered.turns[-2].content
+    letters = multiple_choice(spec.model_copy(update={"answer_with": "letter"}), fields, None, ())
+    assert letters.turns[-1].content == "B" and letters.choices == ("A", "B", "C")

@@ -94,9 +94,15 @@ def multiple_choice(spec: SourceSpec, fields: dict, system_prompt: str | None, l
             raise Drop("label_not_in_set", f"answer {answer!r} is neither an option letter ({', '.join(letters)}) nor an option text")
         answer = letters[texts.index(answer)]
     listed = "\n".join(f"{letter}. {text}" for letter, text in zip(letters, texts))
-    prompt = f"{fill(spec.prompt, fields)}\n\n{listed}\n\nAnswer with the letter of the correct option."
+    if spec.answer_with == "option":
+        if len(set(texts)) != len(texts):
+            raise Drop("duplicate_options", "two options have the same text: answer_with option cannot tell them apart")
+        answer, choices, ask = texts[letters.index(answer)], tuple(texts), "Answer with the text of the correct option."
+    else:
+        choices, ask = tuple(letters), "Answer with the letter of the correct option."
+    prompt = f"{fill(spec.prompt, fields)}\n\n{listed}\n\n{ask}"
     turns = _opening(spec, fields, system_prompt) + [Turn("user", prompt), Turn("assistant", answer)]
-    return Rendered(turns=tuple(turns), choices=tuple(letters))
+    return Rendered(turns=tuple(turns), choices=choices)
 
 
 def chat(spec: SourceSpec, fields: dict, system_prompt: str | None, labels: tuple[str, ...]) -> Rendered:
