@@ -28,7 +28,8 @@ def run_bench(recipe_path: Path, overrides: list[str], steps: int, console: Cons
 
     from llamatune import plan as planning
     from llamatune.recipe import load_recipe
-    from llamatune.train import _held_out_loss, peak_rss_gib, train
+    from llamatune.memory import peak_rss_gib
+    from llamatune.train import _held_out_loss, train
 
     runtime = planning.runtime_resident_bytes()  # before the model loads: what plan calls "runtime"
     recipe = load_recipe(recipe_path, overrides)

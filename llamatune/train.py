@@ -6,7 +6,6 @@ import hashlib
 import math
 import os
 import signal
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from llamatune.data.batches import collate, epoch_order, eval_order
 from llamatune.data.encode import IGNORE_INDEX
 from llamatune.dropout import use_fast_dropout
 from llamatune.fused import use_lean_blocks
+from llamatune.memory import peak_rss_gib
 from llamatune.loss import summed_loss
 from llamatune.plot import write_loss_curve
 from llamatune.progress import TrainProgress
@@ -302,16 +302,6 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
     say(f"[bold green]done[/] run directory: {run_dir}"
         + (f"  held-out loss {eval_before:.4f} → {eval_after:.4f}" if eval_after is not None else ""))
     return TrainResult(summary=summary, model=acc.unwrap_model(model))
-
-
-def peak_rss_gib() -> float:
-    """This process's peak resident memory so far (GiB); 0 where the platform does not report it."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return 0.0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # bytes on macOS, KiB on Linux
 
 
 def _held_out_loss(model, rows, batch_size: int, pad_id: int, acc, autocast) -> float:
