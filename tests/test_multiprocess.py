@@ -35,6 +35,8 @@ def test_two_processes_equal_one_process_with_twice_the_micro_batch(tiny_recipe,
     got = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
     want = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
     assert got.keys() == want.keys()
+    # 2-row and 4-row matmuls sum in different orders: ~1e-5 of float noise on weights of ~0.1; different
+    # examples per step (a batching bug) move them by orders of magnitude more.
     for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5, msg=name)
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=5e-5, msg=name)
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())

@@ -45,8 +45,8 @@ def epoch_order(n: int, micro_batch_size: int, seed: int, epoch: int, world_size
     """Shuffles row indices for one epoch and cuts them into micro-batches.
 
     With `lengths` (unpacked rows), micro-batches are grouped by length: the shuffled order is cut into
-    windows of GROUP micro-batches, each window is sorted by length and cut, and the micro-batches are
-    shuffled again. Every micro-batch then holds rows of similar length (little padding) while an
+    windows of GROUP global batches (micro_batch_size x world_size), each window is sorted by length and
+    cut, and the global batches are shuffled again. Every micro-batch then holds rows of similar length (little padding) while an
     epoch still sees every row once in a seeded random order of batches.
 
     The order depends only on (seed, epoch), so every process computes the same list and a run can
@@ -64,13 +64,16 @@ def epoch_order(n: int, micro_batch_size: int, seed: int, epoch: int, world_size
     if world_size > 1:
         chunk = micro_batch_size * world_size
         order += order[: (-len(order)) % chunk]
-    if lengths is not None:
-        window = GROUP * micro_batch_size
-        order = [i for w in range(0, len(order), window) for i in sorted(order[w : w + window], key=lengths.__getitem__)]
-    batches = [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
-    if lengths is not None:
-        rng.shuffle(batches)  # long and short batches interleave; every process shuffles alike
-    return batches
+    if lengths is None:
+        return [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+    # Grouped by length per *global* batch (micro x processes), so N processes x micro b see the same examples
+    # per step as one process x N*b: the sort, the cut and the shuffle do not depend on how the batch is split.
+    chunk = micro_batch_size * world_size
+    window = GROUP * chunk
+    order = [i for w in range(0, len(order), window) for i in sorted(order[w : w + window], key=lengths.__getitem__)]
+    global_batches = [order[i : i + chunk] for i in range(0, len(order), chunk)]
+    rng.shuffle(global_batches)  # long and short batches interleave; every process shuffles alike
+    return [g[j : j + micro_batch_size] for g in global_batches for j in range(0, len(g), micro_batch_size)]
 
 
 def eval_order(rows: Sequence[Row], batch_size: int) -> list[list[int]]:
