@@ -150,14 +150,13 @@ def _row_losses(model, batch: dict) -> list[tuple[float, int]]:
     import torch
     import torch.nn.functional as F
 
+    from llamatune.loss import label_positions
+
     labels = batch["labels"]
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    columns = keep.any(0).nonzero().squeeze(1)
-    chosen = keep[:, columns]
+    keep, columns, chosen, targets = label_positions(labels)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
                    logits_to_keep=columns).logits[chosen].float()
-    per_token = F.cross_entropy(logits, labels[:, 1:][keep[:, :-1]], reduction="none")
+    per_token = F.cross_entropy(logits, targets, reduction="none")
     rows = keep.nonzero()[:, 0]  # the row of each kept position, in the same row-major order
     sums = torch.zeros(len(labels), dtype=per_token.dtype).index_add_(0, rows, per_token)
     counts = keep.sum(1)

@@ -23,6 +23,20 @@ class _Passthrough(nn.Module):
         return hidden
 
 
+def label_positions(labels: torch.Tensor):
+    """Which positions predict a trained token, for `logits_to_keep`.
+
+    Returns:
+        keep [B, T] bool (position t is scored when token t+1 is trained); columns, the positions needed by at
+        least one row (a 1-D logits_to_keep works on every supported transformers); chosen [B, len(columns)],
+        each row's own positions among them; targets, the trained tokens in the same row-major order.
+    """
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    columns = keep.any(0).nonzero().squeeze(1)
+    return keep, columns, keep[:, columns], labels[:, 1:][keep[:, :-1]]
+
+
 def summed_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over label tokens, and their count.
 
@@ -30,14 +44,7 @@ def summed_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     """
     import torch.nn.functional as F
 
-    labels = batch["labels"]
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position t is scored when token t+1 is trained
-    targets = labels[:, 1:][keep[:, :-1]]
-    # Columns needed by at least one row (a 1-D logits_to_keep works on every supported transformers);
-    # `chosen` then picks each row's own positions, in the same row-major order as `targets`.
-    columns = keep.any(0).nonzero().squeeze(1)
-    chosen = keep[:, columns]
+    keep, columns, chosen, targets = label_positions(batch["labels"])
     mask = batch["attention_mask"]
     # A [B, T] padding mask only hides right padding, which causal attention already keeps away from
     # real tokens: without it, SDPA takes its fused kernel. Packed rows keep their block-diagonal mask.
