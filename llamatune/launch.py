@@ -33,9 +33,12 @@ def launch_problems(recipe: Recipe, config: dict) -> list[str]:
     if kind == "FSDP" and quant.mode == "int8":
         problems.append("quantization.mode: int8 cannot be sharded by FSDP (bitsandbytes 8-bit weights are not "
                         "FSDP-wrappable); use nf4 with examples/accelerate/fsdp_qlora.yaml, or none")
-    if kind == "FSDP" and quant.mode == "nf4" and (quant.compute_dtype != "bfloat16" or recipe.model.dtype not in ("bfloat16", "auto")):
-        problems.append("FSDP over an nf4 base needs quantization.compute_dtype: bfloat16 and model.dtype: bfloat16 "
-                        f"(got {quant.compute_dtype} / {recipe.model.dtype}): FSDP shards the packed 4-bit weights "
+    # auto resolves to bfloat16 when training does (precision auto picks bf16 on every GPU that has it).
+    bf16 = {"bfloat16"} | ({"auto"} if recipe.train.precision in ("bf16", "auto") else set())
+    if kind == "FSDP" and quant.mode == "nf4" and not {quant.compute_dtype, recipe.model.dtype} <= bf16:
+        problems.append("FSDP over an nf4 base needs quantization.compute_dtype: bfloat16 and model.dtype: bfloat16, or "
+                        f"auto with bf16 training (got {quant.compute_dtype} / {recipe.model.dtype}, train.precision "
+                        f"{recipe.train.precision}): FSDP shards the packed 4-bit weights "
                         "only when they are stored in the same dtype as every other parameter")
     if kind == "FSDP" and quant.mode == "nf4" and (config.get("fsdp_config") or {}).get("fsdp_use_orig_params"):
         problems.append("FSDP + nf4 needs fsdp_use_orig_params: false in the launch config (see fsdp_qlora.yaml)")

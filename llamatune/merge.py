@@ -54,7 +54,7 @@ def merge(run_dir: Path, out: Path | None = None, dtype: str = "fp32", verify: b
     merged = unmerged.merge_and_unload().to(getattr(torch, _DTYPES[dtype])).eval()
     merged.config.use_cache = True  # training turned it off; inference wants it
     report = {"run": str(run_dir), "base": ref, "dtype": dtype, "prompts": len(prompts),
-              "merged_vs_unmerged": _compare(merged, prompts, reference)}
+              "merged_vs_unmerged": compare_logits(merged, prompts, reference)}
     if recipe.quantization.mode != "none":
         report["trained_4bit_vs_merged"] = _quantized_gap(run_dir, recipe, ref, merged, prompts)
     _check(report["merged_vs_unmerged"], dtype, verify)
@@ -81,8 +81,14 @@ def merge(run_dir: Path, out: Path | None = None, dtype: str = "fp32", verify: b
     return out
 
 
-def _compare(model, prompts, reference) -> dict:
-    """max |Δlogit|, mean KL(reference ‖ model) per position, and greedy-token agreement."""
+def compare_logits(model, prompts, reference) -> dict:
+    """max |Δlogit|, mean KL(reference ‖ model) per position, and greedy-token agreement.
+
+    Args:
+        model: The model under test (a causal LM).
+        prompts: Token id tensors [1, T], one per prompt.
+        reference: The reference model's logits for each prompt [1, T, vocab].
+    """
     import torch
 
     worst, kls, agree, total = 0.0, [], 0, 0
@@ -112,7 +118,7 @@ def _quantized_gap(run_dir: Path, recipe, ref: str, merged, prompts) -> dict:
     trained = PeftModel.from_pretrained(models.load_base(ref, recipe.model, recipe.quantization), run_dir / "adapter").eval()
     with torch.no_grad():
         reference = [trained(input_ids=p).logits.float().cpu() for p in prompts]
-    return _compare(merged, prompts, reference)
+    return compare_logits(merged, prompts, reference)
 
 
 def _as_list(value) -> list:

@@ -110,11 +110,11 @@ def load_base(ref: str, spec: ModelSpec, quant: QuantizationSpec, device_map=Non
     from transformers import AutoModelForCausalLM
 
     # safetensors only: a pickled .bin checkpoint can execute code when loaded.
-    dtype = spec.dtype if spec.dtype != "auto" else {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
+    dtype = spec.dtype if spec.dtype != "auto" else precision_dtype(precision)
     kwargs: dict = {"dtype": getattr(torch, dtype), "revision": spec.revision, "use_safetensors": True,
                     "trust_remote_code": spec.trust_remote_code}
     if quant.mode != "none":
-        kwargs["quantization_config"] = _bnb_config(quant, sharded)
+        kwargs["quantization_config"] = _bnb_config(quant, sharded, precision)
         if not sharded:  # FSDP places the shards itself
             kwargs["device_map"] = device_map or ({"": 0} if torch.cuda.is_available() else {"": "cpu"})
     try:
@@ -144,17 +144,23 @@ def _disable_cpu_inference_packing(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def _bnb_config(quant: QuantizationSpec, sharded: bool = False):
+def precision_dtype(precision: str) -> str:
+    """The torch dtype name a resolved precision computes in: bf16 -> bfloat16, fp16 -> float16, else float32."""
+    return {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
+
+
+def _bnb_config(quant: QuantizationSpec, sharded: bool = False, precision: str = "fp32"):
     import torch
     from transformers import BitsAndBytesConfig
 
     if quant.mode == "nf4":
+        compute = getattr(torch, quant.compute_dtype if quant.compute_dtype != "auto" else precision_dtype(precision))
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=quant.double_quant,
-            bnb_4bit_compute_dtype=getattr(torch, quant.compute_dtype),
-            bnb_4bit_quant_storage=getattr(torch, quant.compute_dtype) if sharded else torch.uint8,
+            bnb_4bit_compute_dtype=compute,
+            bnb_4bit_quant_storage=compute if sharded else torch.uint8,
         )
     return BitsAndBytesConfig(load_in_8bit=True)
 

@@ -13,9 +13,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from llamatune.data.fields import parse_template
 
-Dtype = Literal["float32", "bfloat16", "float16"]
-
-
 class _Spec(BaseModel):
     # Frozen so a recipe cannot drift after validation; extra="forbid" so typos are errors.
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
@@ -67,7 +64,12 @@ class QuantizationSpec(_Spec):
         "none", description="none | nf4 (4-bit NormalFloat, QLoRA) | int8 (LLM.int8). Needs bitsandbytes."
     )
     double_quant: bool = Field(True, description="nf4 only: also quantize the quantization constants (~0.4 bit/param saved).")
-    compute_dtype: Dtype = Field("float32", description="nf4 only: dtype the 4-bit weights are dequantized to for matmuls.")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="nf4 only: dtype the 4-bit weights are dequantized to for matmuls. auto: the training precision's "
+        "(bfloat16 where bf16 is native, float32 elsewhere: on an AVX2-only CPU a bfloat16 matmul is emulated and ~50x "
+        "slower than float32), float32 for eval and merge.",
+    )
 
 
 Reader = Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "text", "xml", "hub"]

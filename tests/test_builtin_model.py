@@ -11,6 +11,7 @@ import pytest
 
 from llamatune.catalog import ensure_builtin, is_cached
 from llamatune.errors import LlamatuneError
+from llamatune.merge import compare_logits
 from llamatune.recipe import parse_recipe
 from llamatune.train import train
 
@@ -130,14 +131,21 @@ def test_quickstart_merge_export_gguf_then_eval_end_to_end(builtin_folder, tmp_p
     assert ((got - want).abs().max() / want.abs().max()) <= 1e-2
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
-    # q8_0: greedy answers to held-out prompts agree with the merged model
+    # q8_0: on the merged model's own greedy answers to held-out prompts, the q8_0 file picks the same next
+    # token almost everywhere and its distributions stay close. (Exact equality of whole generated answers
+    # is not a property of 8-bit weights: one near-tie flipped by rounding changes the rest of the answer,
+    # and which ties flip differs between CPUs.) A broken export (wrong layout, scales) gives KL >> 1.
     result = runner.invoke(app, ["export", str(tmp_path / "run" / "merged"), "--quant", "q8_0", "--out", str(tmp_path / "q8.gguf")])
     assert result.exit_code == 0, result.output
     q8 = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="q8.gguf", dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run" / "merged")
     held_out = [json.loads(line)["question"] for line in (REPO / "examples" / "medical" / "heldout.jsonl").read_text().splitlines()[:3]]
-    for question in held_out:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
-        kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        assert torch.equal(q8.generate(ids, **kwargs), merged.generate(ids, **kwargs)), question
+    answers = []
+    with torch.no_grad():
+        for question in held_out:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                                return_tensors="pt", return_dict=True)["input_ids"]
+            answers.append(merged.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=tokenizer.pad_token_id))
+        reference = [merged(input_ids=a).logits for a in answers]
+    found = compare_logits(q8, answers, reference)
+    assert found["greedy_agreement"] >= 0.95 and found["mean_kl"] <= 1e-2, found

@@ -76,3 +76,17 @@ def test_nf4_gradients_unchanged_by_an_eval_pass(tiny_model_dir):
     after = grads()
     for name, grad in before.items():
         torch.testing.assert_close(after[name], grad, msg=name)
+
+
+@pytest.mark.parametrize("compute,precision,expected", [
+    ("auto", "fp32", "float32"), ("auto", "bf16", "bfloat16"), ("float32", "bf16", "float32"), ("bfloat16", "fp32", "bfloat16"),
+])
+def test_nf4_compute_dtype_auto_follows_the_training_precision(tiny_model_dir, compute, precision, expected):
+    """auto must not pick bf16 where training runs fp32: emulated bf16 matmuls are ~50x slower on AVX2 CPUs."""
+    import torch
+
+    pytest.importorskip("bitsandbytes")
+    quant = QuantizationSpec(mode="nf4", compute_dtype=compute)
+    model = load_base(str(tiny_model_dir), ModelSpec(path=str(tiny_model_dir)), quant, precision=precision)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert type(layer).__name__ == "Linear4bit" and layer.compute_dtype == getattr(torch, expected)
