@@ -1,5 +1,5 @@
 """`python -m llamatune ...` is the same as the `llamatune` command."""
 
-from llamatune.cli import app
+from llamatune.cli import entry
 
-app(prog_name="llamatune")
+entry()

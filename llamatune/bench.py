@@ -28,7 +28,7 @@ def run_bench(recipe_path: Path, overrides: list[str], steps: int, console: Cons
 
     from llamatune import plan as planning
     from llamatune.recipe import load_recipe
-    from llamatune.memory import peak_rss_gib
+    from llamatune.memory import active_allocator, peak_rss_gib
     from llamatune.train import _held_out_loss, train
 
     runtime = planning.runtime_resident_bytes()  # before the model loads: what plan calls "runtime"
@@ -63,6 +63,7 @@ def run_bench(recipe_path: Path, overrides: list[str], steps: int, console: Cons
     estimate = _plan_gib(recipe, totals, runtime)
     report = {"steps": steps, "tokens_per_s": round(tokens_per_s, 1), "step_s": round(step_s, 3),
               "peak_memory_gib": round(peak, 2), "memory": "GPU allocated" if torch.cuda.is_available() else "process RSS",
+              "allocator": active_allocator(),
               "plan_estimate_gib": round(estimate, 2) if estimate else None, "full_steps": full_steps,
               "projected_train_s": round(train_s), "projected_eval_s": round(evals * eval_s), "projected_total_s": round(projected),
               "bench_wall_s": round(wall, 1), "precision": result.summary["precision"], "device": result.summary["device"]}
@@ -122,7 +123,7 @@ def _show(r: dict, console: Console) -> None:
     console.print(f"[bold]bench[/] {r['steps']} steps on {r['device']} ({r['precision']}): "
                   f"{r['tokens_per_s']:,.0f} tokens/s, {r['step_s']:.2f} s/step (median after the first)")
     plan = f" | plan estimated {r['plan_estimate_gib']:.2f} GiB" if r["plan_estimate_gib"] else ""
-    console.print(f"peak memory {r['peak_memory_gib']:.2f} GiB ({r['memory']}){plan}")
+    console.print(f"peak memory {r['peak_memory_gib']:.2f} GiB ({r['memory']}, {r['allocator']} malloc){plan}")
     console.print(f"full recipe: {r['full_steps']} steps ≈ {minutes(r['projected_train_s'])} training + "
                   f"{minutes(r['projected_eval_s'])} held-out evaluation ≈ [bold]{minutes(r['projected_total_s'])}[/]"
                   f" (bench took {r['bench_wall_s']:.0f} s)")

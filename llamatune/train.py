@@ -22,7 +22,7 @@ from llamatune.data.batches import collate, epoch_order, eval_order
 from llamatune.data.encode import IGNORE_INDEX
 from llamatune.dropout import use_fast_dropout
 from llamatune.fused import use_lean_blocks
-from llamatune.memory import peak_rss_gib
+from llamatune.memory import active_allocator, peak_rss_gib
 from llamatune.loss import summed_loss
 from llamatune.plot import write_loss_curve
 from llamatune.progress import TrainProgress
@@ -286,6 +286,7 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
         "device": str(acc.device),
         "precision": precision,
         "peak_rss_gib": round(peak_rss_gib(), 2),
+        "allocator": active_allocator(),
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
         "data": totals,
         "data_fingerprint": data_fingerprint,

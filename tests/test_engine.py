@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from llamatune.errors import RecipeError
+from llamatune.memory import find_tcmalloc
 from llamatune.recipe import load_recipe
 from llamatune.train import train
 
@@ -49,6 +50,8 @@ def test_8bit_optimizer_and_bf16_autocast_train_on_cpu(tiny_recipe, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     bf16 = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert abs(bf16["eval_loss_before"] - result.summary["eval_loss_before"]) < 0.05  # autocast, same model
+    # the `llamatune` program re-executes a training run under tcmalloc when the system has it
+    assert bf16["allocator"] == ("tcmalloc" if find_tcmalloc() else "glibc")
 
 
 def test_fp16_without_a_gpu_is_a_recipe_error(tiny_recipe, tmp_path):

@@ -160,7 +160,9 @@ def worker_llamatune(folder: Path, model_dir: str) -> dict:
 def _peaks() -> dict:
     import torch
 
-    out = {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    from llamatune.memory import active_allocator
+
+    out = {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "allocator": active_allocator()}
     if torch.cuda.is_available():
         out["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
@@ -219,6 +221,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
+    from llamatune.memory import preload_environment
     from llamatune.model import resolve
     from llamatune.schema import ModelSpec
 
@@ -234,8 +237,13 @@ def main() -> None:
                 run_dir.mkdir()
                 for name in ("train.jsonl", "heldout.jsonl"):
                     (run_dir / name).write_text((folder / name).read_text())
+                # Each side runs as its users run it: HF on the system allocator, llamatune the way the
+                # `llamatune` program starts a training run (under tcmalloc when installed, memory.py).
+                env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+                if side == "llamatune":
+                    env = preload_environment(["train"], env) or env
                 done = subprocess.run([sys.executable, __file__, "--worker", side, "--folder", str(run_dir), "--model", model_dir],
-                                      capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                                      capture_output=True, text=True, env=env)
                 line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
                 if done.returncode or line is None:
                     sys.exit(f"{side} run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
@@ -252,7 +260,7 @@ def main() -> None:
         dtype = "bfloat16" if results[0].get("precision") == "bf16" else "float32"
         summary[side] = {"tokens_per_s": round(tps, 1), "peak_rss_gib": round(statistics.median(r["peak_rss_gib"] for r in results), 2),
                          "heldout_loss": round(statistics.median(r["heldout_loss"] for r in results), 4),
-                         "steps": results[0]["steps"], "model_gflops": round(4 * n * tps / 1e9, 1),
+                         "steps": results[0]["steps"], "allocator": results[0]["allocator"], "model_gflops": round(4 * n * tps / 1e9, 1),
                          "roof_dtype": dtype, "share_of_roof": round(4 * n * tps / 1e9 / roof[dtype], 3)}
         if "peak_gpu_gib" in results[0]:
             summary[side]["peak_gpu_gib"] = round(statistics.median(r["peak_gpu_gib"] for r in results), 2)
