@@ -82,3 +82,15 @@ def active_allocator() -> str:
     except OSError:
         return "system"
     return next((name for name in _KNOWN if f"lib{name}" in text), "glibc" if "libc.so" in text else "system")
+
+
+def training_uses_tcmalloc() -> bool:
+    """Whether `llamatune train` started from this environment would run on tcmalloc."""
+    import os
+
+    if active_allocator() == "tcmalloc":
+        return True
+    try:
+        return preload_environment(["train"], os.environ) is not None
+    except ValueError:  # a wrong LLAMATUNE_ALLOCATOR: train itself will say so
+        return False

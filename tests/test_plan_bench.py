@@ -85,3 +85,19 @@ def test_plan_and_bench_commands(tiny_model_dir, tiny_recipe):
     assert benched.exit_code == 0, benched.output
     assert "tokens/s" in benched.output and "peak memory" in benched.output and "full recipe: 4 steps" in benched.output
     assert not (tiny_recipe.parent / "runs").exists()  # bench leaves no run directory behind
+
+
+def test_cpu_plan_adds_measured_temporaries_and_warns_about_the_system_allocator(tiny_model_dir, tiny_recipe, monkeypatch):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    cpu = planning.Device("cpu", 16, False, gpu=False)
+    plan = lambda: planning.estimate(load_recipe(tiny_recipe), config, cpu, 128, 0)  # noqa: E731
+    monkeypatch.setattr(planning, "training_uses_tcmalloc", lambda: True)
+    with_tcmalloc = plan()
+    assert with_tcmalloc.parts["temporaries"] == int(planning.CPU_TEMPORARIES * with_tcmalloc.parts["activations"])
+    assert not with_tcmalloc.notes
+    assert "temporaries" not in planning.estimate(load_recipe(tiny_recipe), config, planning.DEVICES["a100-80gb"], 128, 0).parts
+    monkeypatch.setattr(planning, "training_uses_tcmalloc", lambda: False)
+    monkeypatch.setattr(planning.sys, "platform", "linux")
+    assert any("system allocator" in note and "libtcmalloc-minimal4" in note for note in plan().notes)
