@@ -49,32 +49,6 @@ def main(
     """Fine-tune Llama-family models with LoRA/QLoRA."""
 
 
-def entry() -> None:
-    """The `llamatune` program (and `python -m llamatune`): a heavy command first re-executes itself under
-    tcmalloc when the system has it (see memory.py: faster and ~40% less peak memory on CPU), then the CLI runs."""
-    import os
-    import sys
-
-    from llamatune.memory import ALLOCATOR_ENV, PRELOADED, preload_environment
-
-    try:
-        env = preload_environment(sys.argv[1:], os.environ)
-    except ValueError as exc:
-        err.print(f"[bold red]invalid recipe or arguments:[/] {exc}", highlight=False)
-        raise SystemExit(2) from None
-    if env is not None and sys.executable:
-        os.execve(sys.executable, [sys.executable, "-m", "llamatune", *sys.argv[1:]], env)
-    try:
-        app(prog_name="llamatune")
-    except ImportError as exc:
-        if not os.environ.get(PRELOADED):
-            raise
-        # e.g. a conda environment whose libstdc++ is newer than the system's one tcmalloc pulled in
-        err.print(f"[bold red]error:[/] under the preloaded allocator ({os.environ[PRELOADED]}) an import failed: {exc}. "
-                  f"Run with {ALLOCATOR_ENV}=system to use the system allocator.", highlight=False)
-        raise SystemExit(1) from None
-
-
 def _run(fn: Callable[[], None]) -> None:
     """Runs a command body, turning user-fixable errors into a message and an exit code (no traceback)."""
     try:
