@@ -110,7 +110,7 @@ def load_base(ref: str, spec: ModelSpec, quant: QuantizationSpec, device_map=Non
     from transformers import AutoModelForCausalLM
 
     # safetensors only: a pickled .bin checkpoint can execute code when loaded.
-    dtype = spec.dtype if spec.dtype != "auto" else precision_dtype(precision)
+    dtype = resolve_dtype(spec.dtype, precision)
     kwargs: dict = {"dtype": getattr(torch, dtype), "revision": spec.revision, "use_safetensors": True,
                     "trust_remote_code": spec.trust_remote_code}
     if quant.mode != "none":
@@ -144,8 +144,11 @@ def _disable_cpu_inference_packing(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def precision_dtype(precision: str) -> str:
-    """The torch dtype name a resolved precision computes in: bf16 -> bfloat16, fp16 -> float16, else float32."""
+def resolve_dtype(requested: str, precision: str) -> str:
+    """A recipe dtype (model.dtype, quantization.compute_dtype) as a torch dtype name: itself, or for auto the
+    dtype the resolved precision computes in (bf16 -> bfloat16, fp16 -> float16, else float32)."""
+    if requested != "auto":
+        return requested
     return {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
 
 
@@ -154,7 +157,7 @@ def _bnb_config(quant: QuantizationSpec, sharded: bool = False, precision: str =
     from transformers import BitsAndBytesConfig
 
     if quant.mode == "nf4":
-        compute = getattr(torch, quant.compute_dtype if quant.compute_dtype != "auto" else precision_dtype(precision))
+        compute = getattr(torch, resolve_dtype(quant.compute_dtype, precision))
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",

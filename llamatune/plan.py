@@ -121,7 +121,7 @@ def estimate(recipe, config, device: Device, tokens_per_row: int, runtime_bytes:
         tokens_per_row: the longest row the data forms (max_length when packing, else the longest example).
         runtime_bytes: resident memory of the process before the model loads (CPU), or the CUDA context.
     """
-    from llamatune.model import precision_dtype, training_precision
+    from llamatune.model import resolve_dtype, training_precision
 
     s = shape(config)
     cfg = recipe.train
@@ -130,7 +130,7 @@ def estimate(recipe, config, device: Device, tokens_per_row: int, runtime_bytes:
         precision = training_precision("auto")
     act_bytes = 2 if precision in ("bf16", "fp16") else 4
     plan = Plan(device, precision)
-    dtype = recipe.model.dtype if recipe.model.dtype != "auto" else precision_dtype(precision)
+    dtype = resolve_dtype(recipe.model.dtype, precision)
     wbytes = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
 
     # ---- weights ----

@@ -13,6 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from llamatune.data.fields import parse_template
 
+# auto: the dtype training computes in (model.resolve_dtype); the same choices for weights and 4-bit compute.
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
 class _Spec(BaseModel):
     # Frozen so a recipe cannot drift after validation; extra="forbid" so typos are errors.
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
@@ -29,7 +33,7 @@ class ModelSpec(_Spec):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit); hub ids only.")
     trust_remote_code: bool = Field(False, description="Run Python code shipped with a hub model. Off: only architectures "
                                      "transformers itself implements load. Turn on only for code you have read.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    dtype: Dtype = Field(
         "auto",
         description="Dtype of the frozen base weights. auto: bfloat16 when training runs in bf16 (half the memory; the "
         "adapter stays float32), float32 otherwise, and float32 for eval/merge.",
@@ -64,7 +68,7 @@ class QuantizationSpec(_Spec):
         "none", description="none | nf4 (4-bit NormalFloat, QLoRA) | int8 (LLM.int8). Needs bitsandbytes."
     )
     double_quant: bool = Field(True, description="nf4 only: also quantize the quantization constants (~0.4 bit/param saved).")
-    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    compute_dtype: Dtype = Field(
         "auto",
         description="nf4 only: dtype the 4-bit weights are dequantized to for matmuls. auto: the training precision's "
         "(bfloat16 where bf16 is native, float32 elsewhere: on an AVX2-only CPU a bfloat16 matmul is emulated and ~50x "
