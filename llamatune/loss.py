@@ -13,7 +13,10 @@ from torch import nn
 
 from llamatune.data.encode import IGNORE_INDEX
 
-_CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MiB in fp32): big enough for an efficient matmul
+# Logits per chunk (64 MiB in fp32). On a 2-core AVX2 CPU the [rows x 576] @ [576 x 49,152] product ran at
+# 65-71 GFLOP/s with 170-row chunks (32 MiB), 82-100 with 341 rows: the head's forward and backward of a
+# 1,260-label-token batch took 2.0-2.2 s against 1.4-1.7 s.
+CHUNK_ELEMENTS = 1 << 24
 
 
 class _Passthrough(nn.Module):
@@ -82,7 +85,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        chunk = max(1, _CHUNK_ELEMENTS // weight.size(0))
+        chunk = max(1, CHUNK_ELEMENTS // weight.size(0))
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for start in range(0, hidden.size(0), chunk):

@@ -21,6 +21,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 
+from llamatune.loss import CHUNK_ELEMENTS
 from llamatune.memory import training_uses_tcmalloc
 
 GiB = 2**30
@@ -86,7 +87,7 @@ def shape(config) -> dict:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or h // heads
     kv = getattr(config, "num_key_value_heads", heads) * head_dim
-    return {"h": h, "q": heads * head_dim, "kv": kv, "i": config.intermediate_size, "layers": config.num_hidden_layers,
+    return {"h": h, "heads": heads, "q": heads * head_dim, "kv": kv, "i": config.intermediate_size, "layers": config.num_hidden_layers,
             "vocab": config.vocab_size, "tied": bool(getattr(config, "tie_word_embeddings", False))}
 
 
@@ -97,20 +98,21 @@ def linear_shapes(s: dict) -> dict[str, tuple[int, int]]:
             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
 
-def activation_bytes_per_token_layer(s: dict, act_bytes: int, dropout: bool, targets: set[str]) -> float:
-    """Bytes autograd saves per token per decoder layer, with llamatune's lean RMSNorm/SwiGLU (fused.py).
+def activation_bytes_per_token_layer(s: dict, act_bytes: int, dropout: bool, targets: set[str], r: int) -> float:
+    """Bytes autograd saves per token per decoder layer, with llamatune's lean blocks and LoRA layers (fused.py).
 
-    In the compute dtype: the attention input (h), q-sized tensors (rotated q, SDPA query and output: 3q),
-    k/v-sized ones (rotated k, SDPA key and value, v: 4kv), SwiGLU's gate and up (2i); about 4.5h stay
-    fp32 (norm statistics, residual casts). LoRA dropout adds, per adapted layer, its boolean mask (1 byte
-    per input element) and, in fp32 only, most of a dropped copy of the input. Fit to torch's saved-tensor
-    hooks on SmolLM2-135M (within 2%; tests/test_plan_bench.py checks the tiny model within 25%).
+    In the compute dtype: both norms' inputs (2h); the normed input of q/k/v and of gate/up, where an adapter
+    reads it (h each); the rotated q and attention's output, which o_proj reads in place (2q); the rotated k
+    and v (2kv); gate and up (2i; their product is recomputed); each adapter's [tokens x r] product. In fp32:
+    one scale per norm, one log-sum-exp per head. LoRA dropout adds each adapter's boolean mask (1 byte per
+    input element). Matches torch's saved-tensor hooks on SmolLM2-135M within 1% in fp32 and bf16, with and
+    without dropout (tests/test_plan_bench.py checks the tiny model within 25%).
     """
     h, q, kv, i = s["h"], s["q"], s["kv"], s["i"]
-    size = act_bytes * (h + 3 * q + 4 * kv + 2 * i) + 4 * 4.5 * h
+    reads_normed = (bool(targets & {"q_proj", "k_proj", "v_proj"}) + bool(targets & {"gate_proj", "up_proj"})) * h
+    size = act_bytes * (2 * h + reads_normed + 2 * q + 2 * kv + 2 * i + r * len(targets)) + 4 * (2 + s["heads"])
     if dropout:
-        inputs = sum(n_in for name, (n_in, _) in linear_shapes(s).items() if name in targets)
-        size += inputs * (1 + 0.9 * (act_bytes - 2))
+        size += sum(n_in for name, (n_in, _) in linear_shapes(s).items() if name in targets)
     return size
 
 
@@ -160,13 +162,13 @@ def estimate(recipe, config, device: Device, tokens_per_row: int, runtime_bytes:
     # ---- activations ----
     tokens = cfg.micro_batch_size * tokens_per_row
     plan.tokens_per_micro_batch = tokens
-    per_token_layer = activation_bytes_per_token_layer(s, act_bytes, recipe.lora.dropout > 0, targets)
+    per_token_layer = activation_bytes_per_token_layer(s, act_bytes, recipe.lora.dropout > 0, targets, r)
     if cfg.gradient_checkpointing:
         plan.parts["activations"] = int(tokens * (s["layers"] * s["h"] * act_bytes + per_token_layer))
     else:
         plan.parts["activations"] = int(tokens * s["layers"] * per_token_layer)
     # ---- logits: the chunked head holds one chunk and its softmax; unchunked, all label positions ----
-    plan.parts["logits (chunked)"] = int(2 * (1 << 23) * 4)
+    plan.parts["logits (chunked)"] = int(2 * CHUNK_ELEMENTS * 4)  # a chunk and its softmax
     plan.parts["runtime"] = runtime_bytes
     if not device.gpu:
         plan.parts["temporaries"] = int(CPU_TEMPORARIES * plan.parts["activations"])

@@ -21,7 +21,7 @@ from llamatune.data.pipeline import build_datasets, fingerprint
 from llamatune.data.batches import collate, epoch_order, eval_order
 from llamatune.data.encode import IGNORE_INDEX
 from llamatune.dropout import use_fast_dropout
-from llamatune.fused import use_lean_blocks
+from llamatune.fused import use_lean_blocks, use_lean_lora
 from llamatune.memory import active_allocator, peak_rss_gib
 from llamatune.loss import summed_loss
 from llamatune.plot import write_loss_curve
@@ -113,6 +113,7 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
     if acc.device.type == "cpu":  # CUDA's fused dropout is cheap; the CPU Bernoulli sampler is not
         use_fast_dropout(model)
     use_lean_blocks(model)  # RMSNorm / SwiGLU that keep fewer tensors for backward
+    use_lean_lora(model)  # one autograd node per LoRA layer: no dropped-out input copies, no extra sums
     load_s = time.perf_counter() - t_load
     trainable, total = models.count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -34,7 +34,7 @@ def test_activation_estimate_matches_the_saved_tensors(tiny_model_dir, tiny_reci
 
     from llamatune import model as models
     from llamatune.dropout import use_fast_dropout
-    from llamatune.fused import use_lean_blocks
+    from llamatune.fused import use_lean_blocks, use_lean_lora
     from llamatune.schema import LoraSpec, ModelSpec, QuantizationSpec
 
     config = AutoConfig.from_pretrained(tiny_model_dir)
@@ -42,6 +42,7 @@ def test_activation_estimate_matches_the_saved_tensors(tiny_model_dir, tiny_reci
     model = models.apply_lora(base, LoraSpec(r=4, alpha=8, dropout=dropout), False, False)
     use_fast_dropout(model)
     use_lean_blocks(model)
+    use_lean_lora(model)
     model.train()
     B, T = 4, 96
     ids = torch.randint(5, 300, (B, T))
@@ -52,7 +53,7 @@ def test_activation_estimate_matches_the_saved_tensors(tiny_model_dir, tiny_reci
     measured = _saved_bytes(model, batch, precision)
     s = planning.shape(config)
     per = planning.activation_bytes_per_token_layer(s, 2 if precision == "bf16" else 4, dropout > 0,
-                                                    set(planning.linear_shapes(s)))
+                                                    set(planning.linear_shapes(s)), r=4)
     estimated = per * B * T * s["layers"]
     assert 0.75 * measured <= estimated <= 1.25 * measured, (estimated, measured)
 
