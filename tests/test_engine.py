@@ -29,9 +29,12 @@ def test_schedulers_shape_the_learning_rate(tiny_recipe, tmp_path):
     assert got["cosine"][1] == pytest.approx(5e-3) and got["linear"][2] < got["cosine"][2]
 
 
-def test_gradient_checkpointing_gives_the_same_adapter(tiny_recipe, tmp_path):
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_gradient_checkpointing_gives_the_same_adapter(tiny_recipe, tmp_path, dropout):
+    """Recomputed layers draw the same LoRA dropout masks (checkpointing restores the generator's state)."""
     def adapter(flag, name):
-        model = train(load_recipe(tiny_recipe, FIXED + [f"train.gradient_checkpointing={flag}"]), "t", run_dir=tmp_path / name).model
+        sets = FIXED + [f"train.gradient_checkpointing={flag}", f"lora.dropout={dropout}"]
+        model = train(load_recipe(tiny_recipe, sets), "t", run_dir=tmp_path / name).model
         return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     plain, checkpointed = adapter("false", "a"), adapter("true", "b")

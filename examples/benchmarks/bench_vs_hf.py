@@ -4,6 +4,9 @@ batch and optimizer steps, alternating in one invocation, each run in its own fr
     python examples/benchmarks/bench_vs_hf.py                       # MedQuAD from ../shared/datasets
     python examples/benchmarks/bench_vs_hf.py --data project        # the project's own Q&A (no shared data)
 
+A third side, llamatune with `train.gradient_checkpointing: true`, shows the memory-saving mode (skip it
+with --sides hf,llamatune).
+
 Reports per side: real (non-padding) tokens/s, peak RSS (and peak GPU memory on a GPU), held-out loss
 after the same tokens, achieved model FLOP/s against a matmul roof measured here, and the ratios. The
 JSON goes to examples/benchmarks/results/. FLOP convention: 4·N per real token (forward 2N, backward to
@@ -34,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 MICRO_BATCH, LR, WARMUP, SEED = 4, 1e-3, 0.1, 0
+SIDES = ("hf", "llamatune", "llamatune_checkpointing")
 
 
 # ---- data: the same JSONL for both sides -------------------------------------------------------------
@@ -128,7 +132,7 @@ def worker_hf(folder: Path, model_dir: str) -> dict:
             "heldout_loss": heldout_loss(model, tokenizer, held), **_peaks()}
 
 
-def worker_llamatune(folder: Path, model_dir: str) -> dict:
+def worker_llamatune(folder: Path, model_dir: str, checkpointing: bool = False) -> dict:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -142,7 +146,8 @@ def worker_llamatune(folder: Path, model_dir: str) -> dict:
                       f"data:\n  train:\n    path: train.jsonl\n{source}  eval:\n    path: heldout.jsonl\n{source}"
                       f"  max_length: 512\n  packing: false\n  dedup: false\n"
                       f"train:\n  seed: {SEED}\n  epochs: 1\n  micro_batch_size: {MICRO_BATCH}\n  grad_accum: 1\n  lr: {LR}\n"
-                      f"  warmup_ratio: {WARMUP}\n  scheduler: cosine\n  log_every: 1000\n")
+                      f"  warmup_ratio: {WARMUP}\n  scheduler: cosine\n  log_every: 1000\n"
+                      f"  gradient_checkpointing: {str(checkpointing).lower()}\n")
     t0 = time.perf_counter()
     result = train(load_recipe(recipe), "bench", run_dir=folder / "lt-run", evaluate_held_out=False)
     # The whole call minus model loading: data building, run directory, adapter and plot writing included
@@ -215,13 +220,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs per side; medians are reported")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="builtin alias or local model folder")
     parser.add_argument("--out", type=Path, default=HERE / "results")
-    parser.add_argument("--worker", choices=["hf", "llamatune"], help=argparse.SUPPRESS)
+    parser.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, from {', '.join(SIDES)}")
+    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        fn = worker_hf if args.worker == "hf" else worker_llamatune
-        print("RESULT " + json.dumps(fn(args.folder, args.model)))
+        if args.worker == "hf":
+            result = worker_hf(args.folder, args.model)
+        else:
+            result = worker_llamatune(args.folder, args.model, checkpointing=args.worker == "llamatune_checkpointing")
+        print("RESULT " + json.dumps(result))
         return
+    sides = args.sides.split(",")
+    if "hf" not in sides or any(side not in SIDES for side in sides):
+        parser.error(f"--sides: hf and any of {', '.join(SIDES[1:])}, comma-separated")
 
     from transformers import AutoTokenizer
 
@@ -234,9 +246,9 @@ def main() -> None:
         folder = Path(tmp)
         data = write_data(args.data, args.train_examples, args.heldout_examples, folder, AutoTokenizer.from_pretrained(model_dir))
         print(f"data: {data}", flush=True)
-        runs: dict[str, list[dict]] = {"hf": [], "llamatune": []}
+        runs: dict[str, list[dict]] = {side: [] for side in sides}
         for r in range(args.repeats):
-            for side in ("hf", "llamatune"):
+            for side in sides:
                 run_dir = folder / f"{side}-{r}"
                 run_dir.mkdir()
                 for name in ("train.jsonl", "heldout.jsonl"):
@@ -244,7 +256,7 @@ def main() -> None:
                 # Each side runs as its users run it: HF on the system allocator, llamatune the way the
                 # `llamatune` program starts a training run (under tcmalloc when installed, memory.py).
                 env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-                if side == "llamatune":
+                if side != "hf":
                     env = preload_environment(["train"], env) or env
                 done = subprocess.run([sys.executable, __file__, "--worker", side, "--folder", str(run_dir), "--model", model_dir],
                                       capture_output=True, text=True, env=env)
@@ -268,23 +280,25 @@ def main() -> None:
                          "roof_dtype": dtype, "share_of_roof": round(4 * n * tps / 1e9 / roof[dtype], 3)}
         if "peak_gpu_gib" in results[0]:
             summary[side]["peak_gpu_gib"] = round(statistics.median(r["peak_gpu_gib"] for r in results), 2)
-    hf, lt = summary["hf"], summary["llamatune"]
-    ratios = {"tokens_per_s": round(lt["tokens_per_s"] / hf["tokens_per_s"], 2),
-              "peak_rss": round(lt["peak_rss_gib"] / hf["peak_rss_gib"], 2),
-              "heldout_loss": round(lt["heldout_loss"] / hf["heldout_loss"], 4)}
+    hf = summary["hf"]
+    ratios = {side: {"tokens_per_s": round(lt["tokens_per_s"] / hf["tokens_per_s"], 2),
+                     "peak_rss": round(lt["peak_rss_gib"] / hf["peak_rss_gib"], 2),
+                     "heldout_loss": round(lt["heldout_loss"] / hf["heldout_loss"], 4)}
+              for side, lt in summary.items() if side != "hf"}
     record = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": _machine(), "model": args.model,
               "matmul_params": n, "roof_gflops": roof, "data": data, "lora": LORA, "micro_batch": MICRO_BATCH, "lr": LR,
-              "repeats": args.repeats, "runs": runs, "summary": summary, "ratios_llamatune_over_hf": ratios}
+              "repeats": args.repeats, "runs": runs, "summary": summary, "ratios_over_hf": ratios}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{'gpu' if 'peak_gpu_gib' in hf else 'cpu'}-{args.data}-{time.strftime('%Y%m%d')}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"\nroof: {roof} GFLOP/s; N = {n:,} matmul params; {data}")
     print("| | real tokens/s | peak RSS GiB | held-out loss | model GFLOP/s (share of roof) |\n|---|---|---|---|---|")
-    for side in ("hf", "llamatune"):
+    for side in sides:
         s = summary[side]
         print(f"| {side} | {s['tokens_per_s']} | {s['peak_rss_gib']} | {s['heldout_loss']} | "
               f"{s['model_gflops']} ({s['share_of_roof']:.0%} of {s['roof_dtype']}) |")
-    print(f"| llamatune / hf | {ratios['tokens_per_s']}x | {ratios['peak_rss']}x | {ratios['heldout_loss']}x | |")
+    for side, ratio in ratios.items():
+        print(f"| {side} / hf | {ratio['tokens_per_s']}x | {ratio['peak_rss']}x | {ratio['heldout_loss']}x | |")
     print(f"wrote {path}")
 
 
