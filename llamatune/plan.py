@@ -26,8 +26,10 @@ from llamatune.memory import training_uses_tcmalloc
 
 GiB = 2**30
 # Peak RSS minus every other part, over the activations part, under tcmalloc on a 2-core AVX2 CPU in fp32:
-# 0.52 (quickstart, LoRA, 800-token micro-batches) and 0.56 (legal/qlora, nf4, 1,112 tokens). Not derived:
-# the saved tensors themselves match the model within 2%. glibc's malloc fragments far more (+70% RSS).
+# 0.52 (quickstart, LoRA, 800-token micro-batches) and 0.56 (legal/qlora, nf4, 1,112 tokens) when fit; with
+# the fused LoRA layers (fewer saved tensors), 0.65 on the quickstart and 0.38 on bench_vs_hf's 1,680-token
+# batch, both totals within 8%. Not derived: the saved tensors themselves match the model within 1%.
+# glibc's malloc fragments far more (+40-70% RSS).
 CPU_TEMPORARIES = 0.55
 
 

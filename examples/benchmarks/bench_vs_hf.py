@@ -289,7 +289,7 @@ def main() -> None:
               "matmul_params": n, "roof_gflops": roof, "data": data, "lora": LORA, "micro_batch": MICRO_BATCH, "lr": LR,
               "repeats": args.repeats, "runs": runs, "summary": summary, "ratios_over_hf": ratios}
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{'gpu' if 'peak_gpu_gib' in hf else 'cpu'}-{args.data}-{time.strftime('%Y%m%d')}.json"
+    path = args.out / f"{'gpu' if 'peak_gpu_gib' in hf else 'cpu'}-{args.data}-{time.strftime('%Y%m%d-%H%M', time.gmtime())}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"\nroof: {roof} GFLOP/s; N = {n:,} matmul params; {data}")
     print("| | real tokens/s | peak RSS GiB | held-out loss | model GFLOP/s (share of roof) |\n|---|---|---|---|---|")
