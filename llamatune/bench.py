@@ -13,16 +13,23 @@ import math
 import statistics
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from rich.console import Console
+from rich.table import Table
 
 
-def run_bench(recipe_path: Path, overrides: list[str], steps: int, console: Console) -> dict:
+def run_bench(recipe_path: Path, overrides: list[str], steps: int, console: Console, profile: bool = False) -> dict:
     """Runs the benchmark and prints its report.
 
+    Args:
+        profile: Also run the steps under torch.profiler and print the operations that took the most CPU
+            (or CUDA) time: where a step's time goes on this machine. The profiler slows the steps a little.
+
     Returns:
-        The numbers printed: tokens_per_s, step_s, peak_rss_gib, plan_gib, projected_s and their parts.
+        The numbers printed: tokens_per_s, step_s, peak_rss_gib, plan_gib, projected_s and their parts
+        (and `profile`, the top operations, when asked).
     """
     import torch
 
@@ -38,7 +45,8 @@ def run_bench(recipe_path: Path, overrides: list[str], steps: int, console: Cons
     quiet = Console(quiet=True)
     with tempfile.TemporaryDirectory(prefix="llamatune-bench-") as tmp:
         t0 = time.perf_counter()
-        result = train(short, "bench", run_dir=Path(tmp) / "run", console=quiet, evaluate_held_out=False)
+        with (torch.profiler.profile() if profile else nullcontext()) as profiler:
+            result = train(short, "bench", run_dir=Path(tmp) / "run", console=quiet, evaluate_held_out=False)
         wall = time.perf_counter() - t0
         lines = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
         eval_s = _time_held_out(recipe, result, _held_out_loss, torch)  # reads the run's tokenizer
@@ -67,8 +75,19 @@ def run_bench(recipe_path: Path, overrides: list[str], steps: int, console: Cons
               "plan_estimate_gib": round(estimate, 2) if estimate else None, "full_steps": full_steps,
               "projected_train_s": round(train_s), "projected_eval_s": round(evals * eval_s), "projected_total_s": round(projected),
               "bench_wall_s": round(wall, 1), "precision": result.summary["precision"], "device": result.summary["device"]}
+    if profile:
+        report["profile"] = _top_operations(profiler, torch.cuda.is_available())
     _show(report, console)
     return report
+
+
+def _top_operations(profiler, cuda: bool, count: int = 12) -> list[dict]:
+    """The operations with the most self time, each with its share of all operations' self time."""
+    self_us = lambda e: e.self_device_time_total if cuda else e.self_cpu_time_total  # noqa: E731
+    events = sorted((e for e in profiler.key_averages() if not e.key.startswith("ProfilerStep")), key=lambda e: -self_us(e))
+    total = sum(self_us(e) for e in events) or 1
+    return [{"op": e.key, "calls": e.count, "self_s": round(self_us(e) / 1e6, 3), "share": round(self_us(e) / total, 3)}
+            for e in events[:count]]
 
 
 def _time_held_out(recipe, result, held_out_loss, torch) -> float:
@@ -94,8 +113,6 @@ def _time_held_out(recipe, result, held_out_loss, torch) -> float:
 
 
 def _no_autocast():
-    from contextlib import nullcontext
-
     return nullcontext()
 
 
@@ -127,3 +144,8 @@ def _show(r: dict, console: Console) -> None:
     console.print(f"full recipe: {r['full_steps']} steps ≈ {minutes(r['projected_train_s'])} training + "
                   f"{minutes(r['projected_eval_s'])} held-out evaluation ≈ [bold]{minutes(r['projected_total_s'])}[/]"
                   f" (bench took {r['bench_wall_s']:.0f} s)")
+    if "profile" in r:
+        table = Table("operation", "calls", "self time", "share", title="where the time went (profiled, all steps)")
+        for op in r["profile"]:
+            table.add_row(op["op"], str(op["calls"]), f"{op['self_s']:.2f} s", f"{op['share']:.0%}")
+        console.print(table)

@@ -204,6 +204,7 @@ def bench_command(
     recipe: Path = RecipeArg,
     overrides: Optional[List[str]] = SetOpt,
     steps: int = typer.Option(5, "--steps", min=2, help="Training steps to time (the first one is not counted)."),
+    profile: bool = typer.Option(False, "--profile", help="Also list the operations that took the most time."),
 ) -> None:
     """Time a few real training steps of RECIPE here: tokens/s, peak memory, and the projected time of the full run."""
 
@@ -212,7 +213,7 @@ def bench_command(
         _quiet_libraries()
         from llamatune.bench import run_bench
 
-        run_bench(recipe, overrides or [], steps, out)
+        run_bench(recipe, overrides or [], steps, out, profile)
 
     _run(body)
 

@@ -86,6 +86,9 @@ def test_plan_and_bench_commands(tiny_model_dir, tiny_recipe):
     assert benched.exit_code == 0, benched.output
     assert "tokens/s" in benched.output and "peak memory" in benched.output and "full recipe: 4 steps" in benched.output
     assert not (tiny_recipe.parent / "runs").exists()  # bench leaves no run directory behind
+    profiled = runner.invoke(app, ["bench", str(tiny_recipe), "--steps", "2", "--profile"])
+    assert profiled.exit_code == 0, profiled.output
+    assert "where the time went" in profiled.output and "aten::" in profiled.output
 
 
 def test_cpu_plan_adds_measured_temporaries_and_warns_about_the_system_allocator(tiny_model_dir, tiny_recipe, monkeypatch):
