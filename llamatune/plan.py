@@ -100,19 +100,22 @@ def linear_shapes(s: dict) -> dict[str, tuple[int, int]]:
             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
 
-def activation_bytes_per_token_layer(s: dict, act_bytes: int, dropout: bool, targets: set[str], r: int) -> float:
+def activation_bytes_per_token_layer(s: dict, act_bytes: int, dropout: bool, targets: set[str], r: int,
+                                     quantized: bool = False) -> float:
     """Bytes autograd saves per token per decoder layer, with llamatune's lean blocks and LoRA layers (fused.py).
 
     In the compute dtype: both norms' inputs (2h); the normed input of q/k/v and of gate/up, where an adapter
     reads it (h each); the rotated q and attention's output, which o_proj reads in place (2q); the rotated k
-    and v (2kv); gate and up (2i; their product is recomputed); each adapter's [tokens x r] product. In fp32:
+    and v (2kv); gate and up (2i; their product is recomputed, except over a 4/8-bit base, whose down projection
+    keeps it: one more i); each adapter's [tokens x r] product. In fp32:
     one scale per norm, one log-sum-exp per head. LoRA dropout adds each adapter's boolean mask (1 byte per
     input element). Matches torch's saved-tensor hooks on SmolLM2-135M within 1% in fp32 and bf16, with and
-    without dropout (tests/test_plan_bench.py checks the tiny model within 25%).
+    without dropout, nf4 included (tests/test_plan_bench.py checks the tiny model within 25%).
     """
     h, q, kv, i = s["h"], s["q"], s["kv"], s["i"]
     reads_normed = (bool(targets & {"q_proj", "k_proj", "v_proj"}) + bool(targets & {"gate_proj", "up_proj"})) * h
-    size = act_bytes * (2 * h + reads_normed + 2 * q + 2 * kv + 2 * i + r * len(targets)) + 4 * (2 + s["heads"])
+    kept_product = i if quantized and "down_proj" in targets else 0
+    size = act_bytes * (2 * h + reads_normed + 2 * q + 2 * kv + 2 * i + kept_product + r * len(targets)) + 4 * (2 + s["heads"])
     if dropout:
         size += sum(n_in for name, (n_in, _) in linear_shapes(s).items() if name in targets)
     return size
@@ -164,7 +167,7 @@ def estimate(recipe, config, device: Device, tokens_per_row: int, runtime_bytes:
     # ---- activations ----
     tokens = cfg.micro_batch_size * tokens_per_row
     plan.tokens_per_micro_batch = tokens
-    per_token_layer = activation_bytes_per_token_layer(s, act_bytes, recipe.lora.dropout > 0, targets, r)
+    per_token_layer = activation_bytes_per_token_layer(s, act_bytes, recipe.lora.dropout > 0, targets, r, mode != "none")
     if cfg.gradient_checkpointing:
         plan.parts["activations"] = int(tokens * (s["layers"] * s["h"] * act_bytes + per_token_layer))
     else:

@@ -28,8 +28,9 @@ def _saved_bytes(model, batch, precision: str) -> int:
     return sum(v for k, v in seen.items() if k not in params)
 
 
-@pytest.mark.parametrize("precision,dropout", [("fp32", 0.05), ("fp32", 0.0), ("bf16", 0.05)])
-def test_activation_estimate_matches_the_saved_tensors(tiny_model_dir, tiny_recipe, precision, dropout):
+@pytest.mark.parametrize("precision,dropout,quantization", [("fp32", 0.05, "none"), ("fp32", 0.0, "none"),
+                                                              ("bf16", 0.05, "none"), ("fp32", 0.05, "nf4")])
+def test_activation_estimate_matches_the_saved_tensors(tiny_model_dir, tiny_recipe, precision, dropout, quantization):
     from transformers import AutoConfig
 
     from llamatune import model as models
@@ -38,8 +39,9 @@ def test_activation_estimate_matches_the_saved_tensors(tiny_model_dir, tiny_reci
     from llamatune.schema import LoraSpec, ModelSpec, QuantizationSpec
 
     config = AutoConfig.from_pretrained(tiny_model_dir)
-    base = models.load_base(str(tiny_model_dir), ModelSpec(path=str(tiny_model_dir)), QuantizationSpec(), precision=precision)
-    model = models.apply_lora(base, LoraSpec(r=4, alpha=8, dropout=dropout), False, False)
+    base = models.load_base(str(tiny_model_dir), ModelSpec(path=str(tiny_model_dir)), QuantizationSpec(mode=quantization),
+                            precision=precision)
+    model = models.apply_lora(base, LoraSpec(r=4, alpha=8, dropout=dropout), quantization != "none", False)
     use_fast_dropout(model)
     use_lean_blocks(model)
     use_lean_lora(model)
@@ -53,7 +55,8 @@ def test_activation_estimate_matches_the_saved_tensors(tiny_model_dir, tiny_reci
     measured = _saved_bytes(model, batch, precision)
     s = planning.shape(config)
     per = planning.activation_bytes_per_token_layer(s, 2 if precision == "bf16" else 4, dropout > 0,
-                                                    set(planning.linear_shapes(s)), r=4)
+                                                    set(planning.linear_shapes(s)), r=4,
+                                                    quantized=quantization != "none")
     estimated = per * B * T * s["layers"]
     assert 0.75 * measured <= estimated <= 1.25 * measured, (estimated, measured)
 
