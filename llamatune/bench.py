@@ -104,16 +104,12 @@ def _time_held_out(recipe, result, held_out_loss, torch) -> float:
         return 0.0
     sample = data.eval[:16]
     precision = training_precision(recipe.train.precision)
-    autocast = (lambda: torch.autocast(model.device.type, dtype=torch.bfloat16)) if precision == "bf16" else _no_autocast
+    autocast = (lambda: torch.autocast(model.device.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
     t0 = time.perf_counter()
     held_out_loss(model, sample, recipe.train.micro_batch_size, tokenizer.pad_token_id, Accelerator(), autocast)
     seconds = time.perf_counter() - t0
     count = lambda rows: sum(len(e.input_ids) for row in rows for e in row)  # noqa: E731
     return seconds * count(data.eval) / max(count(sample), 1)
-
-
-def _no_autocast():
-    return nullcontext()
 
 
 def _tokenizer_of(result):

@@ -134,8 +134,8 @@ class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, keep, a, lora_a, lora_b = ctx.saved_tensors
-        grad_x = grad @ weight.to(grad.dtype) if ctx.needs_input_grad[0] else None
         needs = ctx.needs_input_grad
+        grad_x = grad @ weight.to(grad.dtype) if needs[0] else None
         grad_x, grad_a, grad_b = _lora_grads(grad, grad_x, x, keep, a, lora_a, lora_b, ctx.scale, needs[0], needs[3], needs[4])
         return grad_x, None, None, grad_a, grad_b, None, None
 

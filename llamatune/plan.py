@@ -89,8 +89,9 @@ def shape(config) -> dict:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or h // heads
     kv = getattr(config, "num_key_value_heads", heads) * head_dim
-    return {"h": h, "heads": heads, "q": heads * head_dim, "kv": kv, "i": config.intermediate_size, "layers": config.num_hidden_layers,
-            "vocab": config.vocab_size, "tied": bool(getattr(config, "tie_word_embeddings", False))}
+    return {"h": h, "heads": heads, "q": heads * head_dim, "kv": kv, "i": config.intermediate_size,
+            "layers": config.num_hidden_layers, "vocab": config.vocab_size,
+            "tied": bool(getattr(config, "tie_word_embeddings", False))}
 
 
 def linear_shapes(s: dict) -> dict[str, tuple[int, int]]:

@@ -155,3 +155,21 @@ output:
         encoding="utf-8",
     )
     return recipe
+
+
+def saved_tensor_bytes(model, fn):
+    """(fn(), bytes of the distinct storages autograd keeps for backward while fn runs, the model's parameters
+    excluded): what a forward costs in activations."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())

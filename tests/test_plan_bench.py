@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import saved_tensor_bytes
 from typer.testing import CliRunner
 
 from llamatune import plan as planning
@@ -15,17 +16,8 @@ def _saved_bytes(model, batch, precision: str) -> int:
     """Bytes of the tensors autograd saves for backward in one forward (parameters excluded)."""
     from llamatune.loss import summed_loss
 
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            summed_loss(model, batch)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    return sum(v for k, v in seen.items() if k not in params)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        return saved_tensor_bytes(model, lambda: summed_loss(model, batch))[1]
 
 
 @pytest.mark.parametrize("precision,dropout,quantization", [("fp32", 0.05, "none"), ("fp32", 0.0, "none"),

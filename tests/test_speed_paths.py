@@ -4,6 +4,7 @@ gradient), and FastDropout is inverted dropout with the requested rate."""
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import saved_tensor_bytes
 
 from llamatune.data.batches import collate, pack, unpacked
 from llamatune.data.encode import IGNORE_INDEX, Example
@@ -163,21 +164,6 @@ def test_bf16_training_with_lean_casts_lowers_the_loss_and_restores_peft_casting
     assert layers and all(m.cast_input_dtype_enabled for m in layers)
 
 
-def _saved_bytes(model, fn) -> int:
-    """Bytes of the distinct storages, other than the model's parameters, that autograd keeps for backward."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(seen.values())
-
-
 @pytest.mark.parametrize("quantization", ["none", "nf4"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_lean_lora_gives_the_same_loss_and_gradients_and_keeps_less(tiny_model_dir, quantization, dropout):
@@ -204,7 +190,7 @@ def test_lean_lora_gives_the_same_loss_and_gradients_and_keeps_less(tiny_model_d
             assert use_lean_lora(model) == 2 * 7  # q, k, v, o, gate, up, down in each of 2 layers
         batch = collate(unpacked(_examples(4)), pad_id=0)
         torch.manual_seed(1)
-        (loss, _), saved = _saved_bytes(model, lambda: summed_loss(model, batch))
+        (loss, _), saved = saved_tensor_bytes(model, lambda: summed_loss(model, batch))
         loss.backward()
         with torch.no_grad(), model.disable_adapter():  # the patched forward steps aside for the plain base
             base_logits = model(input_ids=batch["input_ids"]).logits
