@@ -4,7 +4,8 @@ glibc's malloc serves training badly: every step frees and reallocates activatio
 blocks move between mmap (page faults on every first touch) and a heap that fragments and is rarely given
 back. tcmalloc keeps size-classed free lists instead. Measured on the quickstart recipe (2-core AVX2 EPYC,
 fp32, `llamatune bench`): glibc 85-93 tokens/s at 4.5 GiB peak RSS, tcmalloc 102-104 tokens/s at 2.7 GiB
-(jemalloc 83 / 2.7, mimalloc 74 / 2.9). The allocator cannot change inside a running process, so the
+(jemalloc 83 / 2.7, mimalloc 74 / 2.9); after the fused LoRA layers (fused.py), glibc 100 / 3.2, tcmalloc
+138 / 2.3. The allocator cannot change inside a running process, so the
 heavy commands re-execute themselves once with tcmalloc preloaded when the system has it
 (`apt install libtcmalloc-minimal4`, `dnf install gperftools-libs`); LLAMATUNE_ALLOCATOR=system opts out.
 """
