@@ -40,7 +40,7 @@ def run_bench(recipe_path: Path, overrides: list[str], steps: int, console: Cons
 
     runtime = planning.runtime_resident_bytes()  # before the model loads: what plan calls "runtime"
     recipe = load_recipe(recipe_path, overrides)
-    short = load_recipe(recipe_path, [*overrides, f"train.max_steps={steps}", "train.log_every=1", "train.save_every=null",
+    short = load_recipe(recipe_path, [*overrides, "train.epochs=null", f"train.max_steps={steps}", "train.log_every=1", "train.save_every=null",
                                       "train.tensorboard=false"])
     quiet = Console(quiet=True)
     with tempfile.TemporaryDirectory(prefix="llamatune-bench-") as tmp:
@@ -62,7 +62,7 @@ def run_bench(recipe_path: Path, overrides: list[str], steps: int, console: Cons
     # ---- the full recipe: its steps, tokens and two held-out passes ----
     cfg = recipe.train
     micro_per_epoch = math.ceil(totals["train_rows"] / cfg.micro_batch_size)
-    full_steps = cfg.max_steps or cfg.epochs * math.ceil(micro_per_epoch / cfg.grad_accum)
+    full_steps = cfg.planned_steps(math.ceil(micro_per_epoch / cfg.grad_accum))
     mean_step_tokens = totals["train_tokens"] / math.ceil(micro_per_epoch / cfg.grad_accum)
     train_s = full_steps * mean_step_tokens / tokens_per_s
     evals = 2 + (full_steps // cfg.eval_every if cfg.eval_every else 0)

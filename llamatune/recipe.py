@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from llamatune.errors import RecipeError
 from llamatune.schema import Recipe
+from llamatune.secrets import Redactor
 
 # Names other tools (peft, transformers, axolotl) use for our keys: spelling is not close, intent is.
 _KNOWN_ALIASES = {
@@ -53,18 +54,19 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         RecipeError: Listing every problem found (unknown keys, wrong types, bad ranges, bad overrides).
     """
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError([f"recipe file not found: {path} (check the path, or see recipes/ for examples)"])
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     try:
         raw = yaml.safe_load(text) or {}
-        lines = _key_lines(text)
+        lines, duplicates = _key_lines(text)
     except yaml.YAMLError as exc:
         raise RecipeError([f"not valid YAML: {exc}"], source=str(path)) from None
     if not isinstance(raw, dict):
-        raise RecipeError(["the top level must be a mapping of sections (model:, lora:, data:, ...)"], source=str(path))
+        raise RecipeError([f"the top level must be a mapping of sections (model:, lora:, data:, ...), not a "
+                           f"{type(raw).__name__}"], source=str(path))
 
-    problems: list[str] = []
+    # YAML keeps the last of two equal keys without a word: a silent override, so it is an error here.
+    problems: list[str] = [f"{'.'.join(key)} (line {second}): set twice in one mapping, first at line {first}; "
+                           "YAML would silently keep the last one: delete one of them" for key, first, second in duplicates]
     from_cli: set[tuple] = set()
     lines = _normalize_sources(raw, lines)
     for item in overrides:
@@ -74,21 +76,47 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
             # A value set on the command line has no line in the file: say where it came from instead.
             lines = {k: v for k, v in lines.items() if k[: len(key)] != key} | {key: "--set"}
     # Paths are resolved after overrides, so --set data.root=... applies to the file's sources.
-    _resolve_paths(raw, path.parent, from_cli, problems)
-    return _validate(raw, lines, str(path), problems)
+    secrets: list[tuple[str, str]] = []
+    _resolve_paths(raw, path.parent, from_cli, problems, secrets)
+    return _validate(raw, lines, str(path), problems, Redactor.of(secrets))
+
+
+def _read_text(path: Path) -> str:
+    """The recipe file's text; a missing, unreadable or non-UTF-8 file is a RecipeError naming it."""
+    if path.is_dir():
+        raise RecipeError([f"{path} is a folder, not a recipe file; give the path of a .yaml file (see recipes/)"])
+    if not path.is_file():
+        raise RecipeError([f"recipe file not found: {path} (check the path, or see recipes/ for examples)"])
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError([f"cannot read the recipe file {path}: {exc.strerror}"]) from None
+    try:
+        return data.decode("utf-8-sig")  # a byte-order mark (some Windows editors write one) is not content
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise RecipeError([f"not valid UTF-8 at byte offset {exc.start} (line {line}); save the recipe as UTF-8"],
+                          source=str(path)) from None
 
 
 def parse_recipe(raw: dict[str, Any], base_dir: Path = Path(".")) -> Recipe:
     """Validates an in-memory recipe mapping (paths relative to base_dir)."""
     problems: list[str] = []
+    secrets: list[tuple[str, str]] = []
     raw = _copy(raw)
-    _resolve_paths(raw, base_dir, set(), problems)
-    return _validate(raw, {}, None, problems)
+    _resolve_paths(raw, base_dir, set(), problems, secrets)
+    return _validate(raw, {}, None, problems, Redactor.of(secrets))
+
+
+def redactor_of(recipe: Recipe) -> Redactor:
+    """What to hide when showing or writing anything derived from this recipe (see secrets.py)."""
+    return getattr(recipe, "_redactor", None) or Redactor()
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
-    """Serialises a recipe to YAML that load_recipe reads back to an equal recipe."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    """Serialises a recipe to YAML that load_recipe reads back to an equal recipe (in the same environment:
+    values taken from environment variables are written as the ${NAME} they came from)."""
+    return yaml.safe_dump(redactor_of(recipe).data(recipe.model_dump(mode="json")), sort_keys=False)
 
 
 def describe_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple[str, str, str, str]]:
@@ -106,23 +134,26 @@ def describe_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tup
     return rows
 
 
-def _validate(raw: dict, lines: dict[tuple, int | str], source: str | None, problems: list[str]) -> Recipe:
+def _validate(raw: dict, lines: dict[tuple, int | str], source: str | None, problems: list[str],
+              redactor: Redactor) -> Recipe:
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
         problems += [_describe(err, lines) for err in exc.errors()]
         recipe = None
     if problems:
-        raise RecipeError(problems, source=source)
+        raise RecipeError([redactor.text(_placed(p, lines)) for p in problems], source=source)
+    recipe._redactor = redactor
     return recipe
 
 
 def _describe(err: dict, lines: dict[tuple, int | str]) -> str:
     """Turns one pydantic error into 'dotted.key (line N): what is wrong (did you mean ...)'."""
     loc = tuple(str(p) for p in err["loc"] if not _is_union_tag(p))
-    dotted = ".".join(loc) or "(top level)"
-    line = _nearest_line(loc, lines)
-    where = dotted if line is None else f"{dotted} ({line})" if line == "--set" else f"{dotted} (line {line})"
+    keys = (err.get("ctx") or {}).get("keys")
+    if keys:  # a cross-field check (schema.conflict): point at every key it names, not at the section
+        return f"{', '.join(_where(loc + (k,), lines) for k in keys)}: {err['msg']}"
+    where = _where(loc, lines)
     if err["type"] == "extra_forbidden":
         allowed = _allowed_keys(loc[:-1])
         if loc[-1] in _MOVED:
@@ -139,6 +170,20 @@ def _describe(err: dict, lines: dict[tuple, int | str]) -> str:
     if err["type"] == "string_type" and isinstance(given, bool):
         shown += "; YAML reads yes/no/on/off/true/false as booleans: quote it, e.g. \"yes\""
     return f"{where}: {msg}{shown}"
+
+
+def _placed(problem: str, lines: dict[tuple, int | str]) -> str:
+    """Adds the line to a problem that starts with a bare dotted key ("data.train.0.path: ...")."""
+    key, sep, rest = problem.partition(": ")
+    if not sep or " " in key or "." not in key:
+        return problem
+    return f"{_where(tuple(key.split('.')), lines)}: {rest}"
+
+
+def _where(loc: tuple, lines: dict[tuple, int | str]) -> str:
+    dotted = ".".join(loc) or "(top level)"
+    line = _nearest_line(loc, lines)
+    return dotted if line is None else f"{dotted} ({line})" if line == "--set" else f"{dotted} (line {line})"
 
 
 def _is_union_tag(part: Any) -> bool:
@@ -166,15 +211,23 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _key_lines(text: str) -> dict[tuple, int | str]:
-    """Maps each dotted key path in the YAML text to its 1-based line number."""
+def _key_lines(text: str) -> tuple[dict[tuple, int | str], list[tuple[tuple, int, int]]]:
+    """Maps each dotted key path in the YAML text to its 1-based line number.
+
+    Returns:
+        (key path -> line, [(key path, first line, repeated line)] for keys that occur twice in one mapping).
+    """
     out: dict[tuple, int | str] = {}
+    duplicates: list[tuple[tuple, int, int]] = []
 
     def walk(node: Any, prefix: tuple) -> None:
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
                 here = prefix + (str(key.value),)
-                out[here] = key.start_mark.line + 1
+                if here in out:
+                    duplicates.append((here, out[here], key.start_mark.line + 1))
+                else:
+                    out[here] = key.start_mark.line + 1
                 walk(value, here)
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):  # list items by index, as pydantic reports them
@@ -182,7 +235,7 @@ def _key_lines(text: str) -> dict[tuple, int | str]:
                 walk(item, prefix + (str(i),))
 
     walk(yaml.compose(text), ())
-    return out
+    return out, duplicates
 
 
 def _nearest_line(loc: tuple, lines: dict[tuple, int | str]) -> int | str | None:
@@ -193,9 +246,14 @@ def _nearest_line(loc: tuple, lines: dict[tuple, int | str]) -> int | str | None
     return None
 
 
-def _resolve_paths(raw: dict, recipe_dir: Path, from_cli: set[tuple], problems: list[str]) -> None:
+def _resolve_paths(raw: dict, recipe_dir: Path, from_cli: set[tuple], problems: list[str],
+                   secrets: list[tuple[str, str]]) -> None:
     """Makes every local path absolute: values from --set against the cwd, values from the file
-    against the recipe's folder, and relative data sources against data.root when it is set."""
+    against the recipe's folder, and relative data sources against data.root when it is set.
+
+    Args:
+        secrets: Receives (value, '${NAME}') for every environment variable interpolated.
+    """
 
     def base_for(key: tuple) -> Path:
         return Path.cwd() if any(key[: len(k)] == k for k in from_cli) else recipe_dir
@@ -205,12 +263,16 @@ def _resolve_paths(raw: dict, recipe_dir: Path, from_cli: set[tuple], problems: 
         value, base = model["path"], base_for(("model", "path"))
         # Only a value that names a local file/folder is rebased; aliases and hub ids stay as written.
         if value.startswith((".", "/", "~", "$")) or value.endswith(".gguf") or (base / value).exists():
-            model["path"] = _resolve_one("model.path", value, base, problems)
+            model["path"] = _resolve_one("model.path", value, base, problems, secrets)
+    output = raw.get("output")
+    if isinstance(output, dict) and isinstance(output.get("dir"), str) and "$" in output["dir"]:
+        # Relative to the current directory (as documented), so only variables are expanded here.
+        output["dir"] = _expand("output.dir", output["dir"], problems, secrets)
     data = raw.get("data")
     if not isinstance(data, dict):
         return
     if isinstance(data.get("root"), str):
-        data["root"] = _resolve_one("data.root", data["root"], base_for(("data", "root")), problems)
+        data["root"] = _resolve_one("data.root", data["root"], base_for(("data", "root")), problems, secrets)
     for split in ("train", "eval"):
         value = data.get(split)
         if isinstance(value, (str, dict)):
@@ -227,16 +289,27 @@ def _resolve_paths(raw: dict, recipe_dir: Path, from_cli: set[tuple], problems: 
             base = Path(data["root"]) if from_file and isinstance(data.get("root"), str) else base_for(key + ("path",))
             if source.get("reader") == "hub" and not (base / source["path"]).exists():
                 continue  # a dataset id, not a local folder
-            source["path"] = _resolve_one(f"data.{split}.{i}.path", source["path"], base, problems)
+            source["path"] = _resolve_one(f"data.{split}.{i}.path", source["path"], base, problems, secrets)
 
 
-def _resolve_one(key: str, value: str, base: Path, problems: list[str]) -> str:
-    missing = [name for name in re.findall(r"\$\{?(\w+)\}?", value) if name not in os.environ]
+def _resolve_one(key: str, value: str, base: Path, problems: list[str], secrets: list[tuple[str, str]]) -> str:
+    expanded = Path(_expand(key, value, problems, secrets))
+    try:
+        return str(expanded if expanded.is_absolute() else (base / expanded).resolve())
+    except (RuntimeError, OSError) as exc:  # RuntimeError: a symbolic link loop (Python < 3.13)
+        problems.append(f"{key}: {value!r} cannot be resolved ({exc}); is it a symbolic link loop?")
+        return value
+
+
+def _expand(key: str, value: str, problems: list[str], secrets: list[tuple[str, str]]) -> str:
+    """Expands ~ and $VAR / ${VAR}; records each variable's value as a secret to show as ${VAR}."""
+    names = re.findall(r"\$\{?(\w+)\}?", value)
+    missing = [name for name in names if name not in os.environ]
     if missing:
         problems.append(f"{key}: environment variable ${missing[0]} is not set (in {value!r}); export it or write the path out")
         return value
-    expanded = Path(os.path.expanduser(os.path.expandvars(value)))
-    return str(expanded if expanded.is_absolute() else (base / expanded).resolve())
+    secrets += [(os.environ[name], "${" + name + "}") for name in names]
+    return os.path.expanduser(os.path.expandvars(value))
 
 
 def _apply_override(raw: dict, item: str, problems: list[str]) -> tuple[str, ...] | None:

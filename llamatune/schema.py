@@ -9,12 +9,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from llamatune.data.fields import parse_template
 
 # auto: the dtype training computes in (model.resolve_dtype); the same choices for weights and 4-bit compute.
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+def conflict(keys: tuple[str, ...], message: str) -> PydanticCustomError:
+    """A cross-field error that names its keys (relative to the section), so the recipe loader can point at
+    the line of each one instead of at the section."""
+    return PydanticCustomError("conflict", message, {"keys": keys})
 
 
 class _Spec(BaseModel):
@@ -177,9 +184,10 @@ class DataSpec(_Spec):
     @model_validator(mode="after")
     def _eval_or_fraction(self) -> "DataSpec":
         if self.eval is not None and self.eval_fraction is not None:
-            raise ValueError("set either `eval` (held-out sources) or `eval_fraction` (split train), not both")
+            raise conflict(("eval", "eval_fraction"), "set either `eval` (held-out sources) or `eval_fraction` (split train), not both")
         if self.text_overlap >= self.max_length:
-            raise ValueError(f"text_overlap ({self.text_overlap}) must be smaller than max_length ({self.max_length})")
+            raise conflict(("text_overlap", "max_length"),
+                           f"text_overlap ({self.text_overlap}) must be smaller than max_length ({self.max_length})")
         return self
 
 
@@ -187,14 +195,23 @@ class TrainSpec(_Spec):
     """The optimisation loop."""
 
     @model_validator(mode="after")
-    def _patience_needs_evals(self) -> "TrainSpec":
+    def _cross_checks(self) -> "TrainSpec":
         if self.early_stopping_patience is not None and self.eval_every is None:
-            raise ValueError("early_stopping_patience needs eval_every (how often the held-out loss is measured)")
+            raise conflict(("early_stopping_patience", "eval_every"),
+                           "early_stopping_patience needs eval_every (how often the held-out loss is measured)")
+        if self.epochs is not None and self.max_steps is not None:
+            raise conflict(("epochs", "max_steps"), f"both are set (epochs {self.epochs}, max_steps {self.max_steps}) and "
+                           "only one can decide the length of training: remove one (on the command line: --set train.epochs=null)")
         return self
 
+    def planned_steps(self, steps_per_epoch: int) -> int:
+        """Optimizer steps of the whole run: max_steps, else epochs (1 when unset) passes."""
+        return self.max_steps or (self.epochs or 1) * steps_per_epoch
+
     seed: int = Field(42, description="Seeds data order, the held-out split, adapter init and dropout.")
-    epochs: int = Field(1, ge=1, description="Passes over the training set (ignored when max_steps is set).")
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    epochs: int | None = Field(None, ge=1, description="Passes over the training set; 1 when neither epochs nor max_steps "
+                               "is set. Set epochs or max_steps, not both.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (instead of epochs).")
     micro_batch_size: int = Field(4, ge=1, description="Rows per forward pass per process: examples, or with "
                                   "data.packing rows of up to max_length tokens holding several examples.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (effective batch = micro x accum x processes).")
@@ -239,5 +256,7 @@ class Recipe(_Spec):
     data: DataSpec
     train: TrainSpec = TrainSpec()
     output: OutputSpec = OutputSpec()
+    # Set by the recipe loader: values interpolated from the environment, shown as ${NAME} (secrets.py).
+    _redactor: Any = PrivateAttr(default=None)
 
 

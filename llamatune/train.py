@@ -127,7 +127,7 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
     lengths = None if recipe.data.packing else [sum(len(e.input_ids) for e in row) for row in data.train]
     micro_per_epoch = len(epoch_order(len(data.train), cfg.micro_batch_size, cfg.seed, 0, world)) // world
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    total_steps = cfg.planned_steps(steps_per_epoch)
     warmup = round(cfg.warmup_ratio * total_steps)
     scheduler = get_scheduler(_SCHEDULERS[cfg.scheduler], optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     say(

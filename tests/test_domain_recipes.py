@@ -39,7 +39,7 @@ def test_shipped_recipe_validates_and_trains_two_steps(recipe, tiny_model_dir, t
     result = CliRunner().invoke(app, ["validate", str(recipe)])
     assert result.exit_code == 0 and "ok" in result.output, result.output
     parsed = load_recipe(recipe, [f"model.path={tiny_model_dir}", "train.max_steps=2", "train.micro_batch_size=2",
-                                  "train.grad_accum=1", "train.epochs=1", "train.precision=fp32"])
+                                  "train.grad_accum=1", "train.epochs=null", "train.precision=fp32"])
     result = train(parsed, recipe.stem, run_dir=tmp_path / "run")
     manifest = result.summary["data"]
     assert result.summary["steps"] == 2 and manifest["train_examples"] > 10 and manifest["eval_examples"] > 2
