@@ -78,7 +78,7 @@ def test_hub_reader_loads_a_local_dataset_folder(tmp_path):
     ("latin.jsonl", '{"q": "ok"}\n{"q": "café"}\n'.encode("latin-1"), r"latin.jsonl: not valid utf-8 at byte offset 22 \(line 2\); set the source's encoding"),
     ("cols.tsv", b"a\tb\nx\ty\nonly-one\n", r"cols.tsv:3: 1 columns, the header has 2"),
     ("map.json", b'{"data": [1, 2], "n": 2}', r"map.json: a JSON mapping was found where a list of records was expected"),
-    ("arr.jsonl", b'[1, 2]\n', r"arr.jsonl:1: expected a JSON object per line, got list"),
+    ("arr.jsonl", b'[1, 2]\n', r"arr.jsonl:1: expected a JSON object per line, got a list"),
     ("doc.xml", b"<doc><a></doc>", r"doc.xml:1: not well-formed XML"),
 ])
 def test_bad_data_names_file_and_place(tmp_path, name, content, expected):
@@ -98,3 +98,60 @@ def test_missing_path_and_unknown_extension(tmp_path):
     (tmp_path / "x.dat").write_text("1")
     with pytest.raises(RecipeError, match="no reader for '.dat'"):
         records(tmp_path / "x.dat")
+
+
+def test_every_malformed_row_is_listed_with_its_line(tmp_path):
+    rows = ["a,b", "1,2", "3", "4,5", "6,7,8"] + [f"{i}" for i in range(20)]
+    (tmp_path / "bad.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(RecipeError) as info:
+        records(tmp_path / "bad.csv")
+    problems = info.value.problems
+    assert problems[0].endswith("bad.csv:3: 1 columns, the header has 2") and "bad.csv:5: 3 columns" in problems[1]
+    assert len([p for p in problems if "columns, the header has" in p]) == 10
+    assert any("12 more malformed rows" in p for p in problems) and "22 malformed row(s)" in problems[-1]
+    (tmp_path / "bad.jsonl").write_text('{"q": 1}\n{"q": \n{"q": 2}\n[3]\n')
+    with pytest.raises(RecipeError) as info:
+        records(tmp_path / "bad.jsonl")
+    assert [p.split(": ")[0].rsplit("/", 1)[-1] for p in info.value.problems[:2]] == ["bad.jsonl:2", "bad.jsonl:4"]
+
+
+@pytest.mark.parametrize("name,content,expected", [
+    ("empty.jsonl", b"", "empty.jsonl: no records in this file (it is empty, 0 bytes)"),
+    ("blank.jsonl", b"\n\n", "blank.jsonl: no records in this file (only blank lines)"),
+    ("header.csv", b"question,answer\n", "header.csv: no records in this file (a header row and no rows under it)"),
+    ("list.json", b"[]", "list.json: no records in this file (an empty list or mapping)"),
+])
+def test_a_file_without_records_is_named(tmp_path, name, content, expected):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(RecipeError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        records(tmp_path / name)
+
+
+def test_byte_order_mark_is_stripped_and_said(tmp_path):
+    (tmp_path / "bom.csv").write_bytes("\ufeffquestion,answer\nq,a\n".encode("utf-8"))
+    notes = []
+    got = [r.fields for r in read_source(SourceSpec(path=str(tmp_path / "bom.csv")), notes)]
+    assert got == [{"question": "q", "answer": "a"}]
+    assert notes == [f"{tmp_path / 'bom.csv'}: starts with a UTF-8 byte-order mark; stripped"]
+
+
+def test_json_shape_is_said(tmp_path):
+    (tmp_path / "m.json").write_text('{"1": {"q": "a"}, "2": {"q": "b"}}')
+    (tmp_path / "l.json").write_text('{"data": [{"q": "a"}]}')
+    notes = []
+    list(read_source(SourceSpec(path=str(tmp_path / "m.json")), notes))
+    list(read_source(SourceSpec(path=str(tmp_path / "l.json"), records="data"), notes))
+    assert "a JSON mapping id → record: read 2 records" in notes[0]
+    assert notes[1].endswith("l.json: the list at records: 'data' of 1 records")
+
+
+def test_compressed_files_links_and_huge_csv_fields(tmp_path):
+    (tmp_path / "d.jsonl.gz").write_bytes(b"\x1f\x8b")
+    with pytest.raises(RecipeError, match="d.jsonl.gz: a compressed file.*gunzip it first"):
+        records(tmp_path / "d.jsonl.gz")
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(RecipeError, match="a symbolic link that leads to no file or folder"):
+        records(tmp_path / "a")
+    (tmp_path / "long.csv").write_text("q,a\n" + "x" * 200_000 + ",y\n")
+    assert len(records(tmp_path / "long.csv")[0]["q"]) == 200_000

@@ -19,6 +19,9 @@ from llamatune.schema import SourceSpec
 
 _BY_SUFFIX = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet",
               ".txt": "text", ".md": "text", ".xml": "xml"}
+_COMPRESSED = {".gz": "gunzip", ".bz2": "bunzip2", ".xz": "unxz", ".zst": "unzstd", ".zip": "unzip", ".7z": "7z x"}
+_MAX_LISTED = 10  # malformed rows listed per file; the rest are counted
+_UTF8 = {"utf-8", "utf8", "utf_8"}
 
 
 @dataclass(frozen=True)
@@ -45,23 +48,40 @@ def source_files(spec: SourceSpec) -> list[Path]:
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _BY_SUFFIX)
     elif path.is_file():
         files = [path]
+    elif path.is_symlink():
+        raise RecipeError([f"{spec.path}: a symbolic link that leads to no file or folder (a loop, or its target is gone)"])
+    elif path.exists():
+        raise RecipeError([f"{spec.path}: not a regular file or folder (a device, pipe or socket); copy the data to a file"])
     else:
         raise RecipeError([f"{spec.path}: no such file or folder (relative paths resolve against data.root "
                            "or the recipe's folder)"])
     if not files:
         raise RecipeError([f"{spec.path}: matches no data files ({', '.join(_BY_SUFFIX)})"])
+    packed = [f for f in files if f.suffix.lower() in _COMPRESSED]
+    if packed:
+        tool = _COMPRESSED[packed[0].suffix.lower()]
+        raise RecipeError([f"{packed[0]}: a compressed file; llamatune reads data files as they are, uncompressed: "
+                           f"{tool} it first, and point the source at the result"])
     if spec.reader == "auto":
         unknown = [f for f in files if f.suffix.lower() not in _BY_SUFFIX]
         if unknown:
-            raise RecipeError([f"{unknown[0]}: no reader for '{unknown[0].suffix}'; set reader: to one of "
-                               "jsonl, json, csv, tsv, parquet, text, xml"])
+            raise RecipeError([f"{unknown[0]}: no reader for '{unknown[0].suffix or '(no extension)'}'; set reader: to one "
+                               "of jsonl, json, csv, tsv, parquet, text, xml"])
     return files
 
 
-def read_source(spec: SourceSpec) -> Iterator[Record]:
-    """Yields the records of a source in a stable order, exploded and capped as the spec says."""
+def read_source(spec: SourceSpec, notes: list[str] | None = None) -> Iterator[Record]:
+    """Yields the records of a source in a stable order, exploded and capped as the spec says.
+
+    Args:
+        notes: Receives one line per thing worth telling about how a file was read (the JSON shape
+            found, a byte-order mark stripped), for `data check` and the manifest.
+
+    Raises:
+        RecipeError: For a file that cannot be read, naming file and line, or a file with no records.
+    """
     count = 0
-    for record in _raw_records(spec):
+    for record in _raw_records(spec, notes if notes is not None else []):
         for item in _explode(record, spec.explode):
             if spec.max_records is not None and count >= spec.max_records:
                 return
@@ -69,13 +89,30 @@ def read_source(spec: SourceSpec) -> Iterator[Record]:
             yield item
 
 
-def _raw_records(spec: SourceSpec) -> Iterator[Record]:
+def _raw_records(spec: SourceSpec, notes: list[str]) -> Iterator[Record]:
     if spec.reader == "hub":
         yield from _read_hub(spec)
         return
     for path in source_files(spec):
         kind = spec.reader if spec.reader != "auto" else _BY_SUFFIX[path.suffix.lower()]
-        yield from _READERS[kind](path, spec)
+        count = 0
+        for record in _READERS[kind](path, spec, notes):
+            count += 1
+            yield record
+        if count == 0:
+            raise RecipeError([f"{path}: no records in this file ({_why_empty(path, kind)}); fill it, or leave it "
+                               "out of the source's path"])
+
+
+def _why_empty(path: Path, kind: str) -> str:
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = -1
+    if size == 0:
+        return "it is empty, 0 bytes"
+    return {"csv": "a header row and no rows under it", "tsv": "a header row and no rows under it",
+            "jsonl": "only blank lines", "json": "an empty list or mapping"}.get(kind, f"{size} bytes, nothing read")
 
 
 def _explode(record: Record, field: str | None) -> Iterator[Record]:
@@ -102,8 +139,15 @@ def _replace(obj: dict, keys: tuple[str, ...], value) -> dict:
     return out
 
 
-def _text_of(path: Path, spec: SourceSpec) -> str:
-    data = path.read_bytes()
+def _text_of(path: Path, spec: SourceSpec, notes: list[str]) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError([f"{path}: cannot be read ({exc.strerror})"]) from None
+    if data.startswith(b"\xef\xbb\xbf") and spec.encoding.lower() in _UTF8:
+        # Excel and Notepad write one; left in, it would become part of the first column's name.
+        notes.append(f"{path}: starts with a UTF-8 byte-order mark; stripped")
+        data = data[3:]
     try:
         return data.decode(spec.encoding)
     except UnicodeDecodeError as exc:
@@ -114,76 +158,136 @@ def _text_of(path: Path, spec: SourceSpec) -> str:
         raise RecipeError([f"{path}: unknown encoding {spec.encoding!r}"]) from None
 
 
-def _read_jsonl(path: Path, spec: SourceSpec) -> Iterator[Record]:
-    for lineno, line in enumerate(_text_of(path, spec).splitlines(), start=1):
+def _read_jsonl(path: Path, spec: SourceSpec, notes: list[str]) -> Iterator[Record]:
+    bad = _BadRows(path)
+    # "\n" only: str.splitlines would also split at \u2028 and other separators that JSON allows inside strings.
+    for lineno, line in enumerate(_text_of(path, spec, notes).split("\n"), start=1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise RecipeError([f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})"]) from None
+            bad.add(lineno, f"not valid JSON ({exc.msg} at column {exc.colno})")
+            continue
         if not isinstance(obj, dict):
-            raise RecipeError([f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}"])
-        yield Record(fields=obj, origin=f"{path}:{lineno}", document=f"{path}:{lineno}")
+            bad.add(lineno, f"expected a JSON object per line, got {_kind(obj)}")
+            continue
+        if not bad:
+            yield Record(fields=obj, origin=f"{path}:{lineno}", document=f"{path}:{lineno}")
+    bad.check("a JSON object per line, each on one line")
 
 
-def _read_json(path: Path, spec: SourceSpec) -> Iterator[Record]:
+class _BadRows:
+    """Collects every malformed row of a file, so one error lists them all (the first _MAX_LISTED, then a count)."""
+
+    def __init__(self, path: Path):
+        self.path, self.rows = path, []
+
+    def __bool__(self) -> bool:
+        return bool(self.rows)
+
+    def add(self, line: int, what: str) -> None:
+        self.rows.append(f"{self.path}:{line}: {what}")
+
+    def check(self, expected: str) -> None:
+        if not self.rows:
+            return
+        shown = self.rows[:_MAX_LISTED]
+        more = [f"... and {len(self.rows) - len(shown)} more malformed rows in {self.path}"] if len(self.rows) > len(shown) else []
+        raise RecipeError(shown + more + [f"{self.path}: {len(self.rows)} malformed row(s); expected {expected}"])
+
+
+def _kind(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), f"a {type(value).__name__}")
+
+
+def _read_json(path: Path, spec: SourceSpec, notes: list[str]) -> Iterator[Record]:
     try:
-        doc = json.loads(_text_of(path, spec))
+        doc = json.loads(_text_of(path, spec, notes))
     except json.JSONDecodeError as exc:
-        raise RecipeError([f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})"]) from None
+        hint = "; one JSON object per line is JSON Lines: name the file .jsonl" if exc.msg == "Extra data" else ""
+        raise RecipeError([f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}){hint}"]) from None
+    top = doc
     if spec.records:
         doc = lookup(doc, tuple(spec.records.split(".")))
         if doc is None:
-            raise RecipeError([f"{path}: records: no {spec.records!r} in this file"])
+            keys = ", ".join(list(top)[:12]) if isinstance(top, dict) else f"the top level is {_kind(top)}"
+            raise RecipeError([f"{path}: records: no {spec.records!r} in this file ({keys})"])
+    where = f"the list at records: {spec.records!r}" if spec.records else "a list"
     if isinstance(doc, dict):
         # A mapping id -> record (PubMedQA's layout): each value is a record, its key becomes `id`.
         if not all(isinstance(v, dict) for v in doc.values()):
+            lists = [k for k, v in doc.items() if isinstance(v, list)]
+            hint = f"records: {lists[0]}" if lists else "records: data"
             raise RecipeError([f"{path}: a JSON mapping was found where a list of records was expected, and its values "
-                               "are not all objects; set records: to the path of the list (e.g. records: data)"])
+                               f"are not all objects (keys: {', '.join(list(doc)[:8])}); set records: to the path of "
+                               f"the list (e.g. {hint})"])
+        notes.append(f"{path}: a JSON mapping id → record: read {len(doc)} records, each key as field `id` (if you meant "
+                     "a list inside it, set records: to its path)")
         for key, value in doc.items():
             yield Record(fields={"id": key, **value}, origin=f"{path}[{key}]", document=f"{path}[{key}]")
     elif isinstance(doc, list):
+        bad = [f"{path}[{i}]: expected an object, got {_kind(v)}" for i, v in enumerate(doc) if not isinstance(v, dict)]
+        if bad:
+            raise RecipeError(bad[:_MAX_LISTED] + [f"{path}: {len(bad)} of {len(doc)} items of {where} are not objects"])
+        notes.append(f"{path}: {where} of {len(doc)} records")
         for i, value in enumerate(doc):
-            if not isinstance(value, dict):
-                raise RecipeError([f"{path}[{i}]: expected an object, got {type(value).__name__}"])
             yield Record(fields=value, origin=f"{path}[{i}]", document=f"{path}[{i}]")
     else:
-        raise RecipeError([f"{path}: expected a list of records or a mapping id -> record, got {type(doc).__name__}"])
+        raise RecipeError([f"{path}: expected a list of records or a mapping id -> record, got {_kind(doc)}"])
 
 
-def _read_delimited(path: Path, spec: SourceSpec, delimiter: str) -> Iterator[Record]:
+def _read_delimited(path: Path, spec: SourceSpec, notes: list[str], delimiter: str) -> Iterator[Record]:
+    # Python's csv refuses fields over 128 KiB; a long contract or abstract is data, and huge records are
+    # bounded later by characters (pipeline), so the limit is raised rather than a traceback shown.
+    csv.field_size_limit(2**31 - 1)
     # csv handles quoting (doubled quotes, delimiters and newlines inside quotes); line.split would not.
-    reader = csv.reader(_text_of(path, spec).splitlines(keepends=True), delimiter=delimiter)
-    header = next(reader, None)
-    if not header:
-        raise RecipeError([f"{path}: empty file (a header row is expected)"])
-    for row in reader:
-        if not row:
-            continue
-        if len(row) != len(header):
-            raise RecipeError([f"{path}:{reader.line_num}: {len(row)} columns, the header has {len(header)}; "
-                               "check quoting (a quote inside a field must be doubled) or the delimiter"])
-        yield Record(fields=dict(zip(header, row)), origin=f"{path}:{reader.line_num}", document=f"{path}:{reader.line_num}")
+    reader = csv.reader(_text_of(path, spec, notes).splitlines(keepends=True), delimiter=delimiter)
+    bad = _BadRows(path)
+    try:
+        header = next(reader, None)
+        if not header:
+            return
+        if len(set(header)) != len(header):
+            twice = sorted({h for h in header if header.count(h) > 1})
+            raise RecipeError([f"{path}:1: the header names column(s) {', '.join(map(repr, twice))} twice; rename one"])
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != len(header):
+                bad.add(reader.line_num, f"{len(row)} columns, the header has {len(header)}")
+            elif not bad:
+                yield Record(fields=dict(zip(header, row)), origin=f"{path}:{reader.line_num}",
+                             document=f"{path}:{reader.line_num}")
+    except csv.Error as exc:
+        raise RecipeError([f"{path}:{reader.line_num}: not readable as {'TSV' if delimiter == chr(9) else 'CSV'} ({exc})"]) from None
+    bad.check(f"{len(header)} columns in every row; check quoting (a quote inside a field must be doubled) or the "
+              "delimiter (.csv: comma, .tsv: tab)")
 
 
-def _read_parquet(path: Path, spec: SourceSpec) -> Iterator[Record]:
+def _read_parquet(path: Path, spec: SourceSpec, notes: list[str]) -> Iterator[Record]:
+    import pyarrow
     import pyarrow.parquet as pq
 
-    for i, row in enumerate(pq.read_table(path).to_pylist()):
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (pyarrow.ArrowException, OSError) as exc:
+        raise RecipeError([f"{path}: not a readable Parquet file ({exc}); is it truncated, or another format?"]) from None
+    for i, row in enumerate(rows):
         yield Record(fields=row, origin=f"{path}[row {i}]", document=f"{path}[row {i}]")
 
 
-def _read_text(path: Path, spec: SourceSpec) -> Iterator[Record]:
-    yield Record(fields={"text": _text_of(path, spec), "path": str(path), "name": path.stem},
+def _read_text(path: Path, spec: SourceSpec, notes: list[str]) -> Iterator[Record]:
+    yield Record(fields={"text": _text_of(path, spec, notes), "path": str(path), "name": path.stem},
                  origin=str(path), document=str(path))
 
 
-def _read_xml(path: Path, spec: SourceSpec) -> Iterator[Record]:
+def _read_xml(path: Path, spec: SourceSpec, notes: list[str]) -> Iterator[Record]:
     import xml.etree.ElementTree as ET
 
     try:
-        root = ET.fromstring(_text_of(path, spec).encode("utf-8"))
+        root = ET.fromstring(_text_of(path, spec, notes).encode("utf-8"))
     except ET.ParseError as exc:
         raise RecipeError([f"{path}:{exc.position[0]}: not well-formed XML ({exc})"]) from None
     doc = {root.tag: _xml_to_dict(root)}
@@ -223,11 +327,11 @@ def _read_hub(spec: SourceSpec) -> Iterator[Record]:
         yield Record(fields=dict(row), origin=f"{spec.path}[{spec.split} {i}]", document=f"{spec.path}[{spec.split} {i}]")
 
 
-_READERS: dict[str, Callable[[Path, SourceSpec], Iterator[Record]]] = {
+_READERS: dict[str, Callable[[Path, SourceSpec, list[str]], Iterator[Record]]] = {
     "jsonl": _read_jsonl,
     "json": _read_json,
-    "csv": lambda path, spec: _read_delimited(path, spec, ","),
-    "tsv": lambda path, spec: _read_delimited(path, spec, "\t"),
+    "csv": lambda path, spec, notes: _read_delimited(path, spec, notes, ","),
+    "tsv": lambda path, spec, notes: _read_delimited(path, spec, notes, "\t"),
     "parquet": _read_parquet,
     "text": _read_text,
     "xml": _read_xml,
