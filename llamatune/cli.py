@@ -12,8 +12,11 @@ from typing import Callable, List, Optional
 import typer
 from rich.console import Console
 
+from rich.markup import escape
+
 from llamatune import __version__
 from llamatune.errors import LlamatuneError, RecipeError
+from llamatune.secrets import Redactor
 
 app = typer.Typer(
     help="Fine-tune Llama-family models with LoRA/QLoRA from YAML recipes, offline, on CPU or GPU.",
@@ -26,8 +29,20 @@ app.add_typer(models_app, name="models")
 data_app = typer.Typer(help="Inspect what the data pipeline makes of a recipe's data, before training.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-out = Console(soft_wrap=True)  # never hard-wrap: paths and keys must stay copy-pasteable
-err = Console(stderr=True, soft_wrap=True)
+class _Console(Console):
+    """A console that shows the values a recipe took from environment variables as their ${NAME}
+    (secrets.py); the recipe loader hands it the redactor (`_use_recipe`)."""
+
+    redactor = Redactor()
+
+    def print(self, *objects, **kwargs) -> None:
+        super().print(*(self.redactor.text(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+
+out = _Console(soft_wrap=True)  # never hard-wrap: paths and keys must stay copy-pasteable
+err = _Console(stderr=True, soft_wrap=True)
+BUG_REPORT = ("This is a bug in llamatune {version}, not a problem with your input: please report it on llamatune's "
+              "issue tracker with the command you ran, your recipe (secrets removed) and the traceback above.")
 
 RecipeArg = typer.Argument(..., help="YAML recipe file (see recipes/).", show_default=False)
 SetOpt = typer.Option(
@@ -50,36 +65,57 @@ def main(
 
 
 def _run(fn: Callable[[], None]) -> None:
-    """Runs a command body, turning user-fixable errors into a message and an exit code (no traceback)."""
+    """Runs a command body, turning user-fixable errors into a message and an exit code (no traceback).
+
+    An OSError that names a file (permission denied, a folder where a file was expected, a full disk) is the
+    user's to fix, whichever library raised it. Anything else is a bug: its traceback is shown, then how to report it.
+    """
     try:
         fn()
     except LlamatuneError as exc:
         kind = {2: "invalid recipe or arguments", 75: "stopped"}.get(exc.exit_code, "error")
-        err.print(f"[bold red]{kind}:[/] {exc}", highlight=False, markup=True)
+        err.print(f"[bold red]{kind}:[/] {escape(str(exc))}", highlight=False, markup=True)
         raise typer.Exit(exc.exit_code) from None
+    except OSError as exc:
+        if exc.filename is None:
+            raise _bug() from None
+        target = f"{exc.filename}" + (f" → {exc.filename2}" if exc.filename2 else "")
+        err.print(f"[bold red]error:[/] {escape(target)}: {escape(exc.strerror or str(exc))}", highlight=False)
+        raise typer.Exit(1) from None
+    except (typer.Exit, typer.Abort, SystemExit, KeyboardInterrupt):
+        raise
+    except Exception:
+        raise _bug() from None
+
+
+def _bug() -> typer.Exit:
+    import traceback
+
+    err.print(escape(traceback.format_exc()), highlight=False, markup=True)
+    err.print(BUG_REPORT.format(version=__version__), highlight=False)
+    return typer.Exit(1)
+
+
+def _use_recipe(recipe: Path, overrides: Optional[List[str]]):
+    """Loads the recipe and hands its redactor to the consoles, so nothing printed from here on shows a
+    value taken from the environment."""
+    from llamatune.recipe import load_recipe, redactor_of
+
+    parsed = load_recipe(recipe, overrides or [])
+    out.redactor = err.redactor = redactor_of(parsed)
+    return parsed
 
 
 def _load_checked(recipe: Path, overrides: Optional[List[str]]):
-    """Loads the recipe and checks everything that needs no weights: schema, data files, model reference.
+    """Loads the recipe and checks what needs neither tokenizer nor weights: schema, data files, model reference.
 
     Returns:
         (recipe, model source kind).
     """
-    from llamatune.data.readers import source_files
-    from llamatune.model import classify
-    from llamatune.recipe import load_recipe
+    from llamatune.preflight import check_files
 
-    parsed = load_recipe(recipe, overrides or [])
-    problems = []
-    for split in ("train", "eval"):
-        for i, source in enumerate(getattr(parsed.data, split) or ()):
-            try:
-                source_files(source)
-            except RecipeError as exc:
-                problems += [f"data.{split}.{i}.path: {p}" for p in exc.problems]
-    if problems:
-        raise RecipeError(problems, source=str(recipe))
-    return parsed, classify(parsed.model.path)
+    parsed = _use_recipe(recipe, overrides)
+    return parsed, check_files(parsed, str(recipe))
 
 
 def _quiet_libraries() -> None:
@@ -121,8 +157,9 @@ def train(
                 raise RecipeError([f"--save-on-signal: unknown signal {save_on_signal!r}; e.g. USR1, USR2"])
         _quiet_libraries()
         from llamatune.train import train as run_training
+        # train() runs the same checks as validate (preflight.check) before it loads any weight.
         run_training(parsed, recipe_name=recipe.stem, run_dir=run_dir, console=out, resume=resume, force_resume=force_resume,
-                     save_on_signal=save_on_signal)
+                     save_on_signal=save_on_signal, source=str(recipe))
 
     _run(body)
 
@@ -134,18 +171,25 @@ def validate(
     launch: Optional[Path] = typer.Option(None, "--launch", help="An accelerate config file (examples/accelerate/): "
                                           "also reject recipe/launch combinations known not to work."),
 ) -> None:
-    """Check RECIPE (schema, files, model reference) without loading any weights."""
+    """Check RECIPE as train would before its first step, without loading any weights: schema, files, model
+    reference and module names, and the whole data pipeline (reading, templates, tokenization, drops, split, overlap)."""
 
     def body() -> None:
-        parsed, kind = _load_checked(recipe, overrides)
+        parsed, _ = _load_checked(recipe, overrides)
         if launch is not None:
             from llamatune.launch import launch_problems, read_launch_config
 
             problems = launch_problems(parsed, read_launch_config(launch))
             if problems:
                 raise RecipeError(problems, source=f"{recipe} with {launch}")
-        sources = ", ".join(f"{s.path} ({s.format})" for s in parsed.data.train)
-        out.print(f"[green]ok[/] {recipe}: model {parsed.model.path} ({kind}); train {sources}")
+        _quiet_libraries()
+        from llamatune.preflight import check
+
+        checked = check(parsed, str(recipe), say=out.print)
+        t = checked.data.manifest["totals"]
+        out.print(f"[green]ok[/] {escape(str(recipe))}: model {escape(parsed.model.path)} ({checked.kind}); "
+                  f"{t['train_examples']} train / {t['eval_examples']} held-out examples, {t['train_label_tokens']:,} "
+                  f"trained tokens; LoRA on {parsed.lora.target_modules}", highlight=False)
 
     _run(body)
 
@@ -187,14 +231,14 @@ def plan_command(
         import peft  # noqa: F401  (imported before measuring: training imports it too)
         from transformers import AutoConfig
 
-        from llamatune.data.pipeline import build_datasets
-        from llamatune.model import load_tokenizer, resolve
+        from llamatune.preflight import check
 
         runtime = planning.runtime_resident_bytes() if device == "cpu" else int(0.75 * planning.GiB)
-        ref = resolve(parsed.model, out.print)
-        totals = build_datasets(parsed.data, load_tokenizer(ref), parsed.train.seed).manifest["totals"]
+        checked = check(parsed, str(recipe), say=out.print)
+        totals = checked.data.manifest["totals"]
         target = planning.this_machine() if device == "cpu" else planning.DEVICES[device]
-        planning.show(planning.estimate(parsed, AutoConfig.from_pretrained(ref), target, totals["longest_row"], runtime), out)
+        planning.show(planning.estimate(parsed, AutoConfig.from_pretrained(checked.ref), target, totals["longest_row"],
+                                        runtime), out)
 
     _run(body)
 
@@ -337,7 +381,7 @@ def data_check(recipe: Path = RecipeArg, overrides: Optional[List[str]] = SetOpt
         _quiet_libraries()
         from llamatune import datareport
 
-        data, _ = datareport.load(parsed, say=out.print)
+        data, _ = datareport.load(parsed, str(recipe), say=out.print)
         datareport.report(data, out)
 
     _run(body)
@@ -356,7 +400,7 @@ def data_preview(
         _quiet_libraries()
         from llamatune import datareport
 
-        data, tokenizer = datareport.load(parsed, say=out.print)
+        data, tokenizer = datareport.load(parsed, str(recipe), say=out.print)
         datareport.preview(data, tokenizer, n, out)
 
     _run(body)

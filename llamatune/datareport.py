@@ -13,18 +13,18 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
-from llamatune import model as models
+from llamatune import preflight
 from llamatune.data.batches import Row
 from llamatune.data.encode import IGNORE_INDEX
-from llamatune.data.pipeline import Datasets, build_datasets
+from llamatune.data.pipeline import Datasets
 from llamatune.schema import Recipe
 
 
-def load(recipe: Recipe, say=print):
-    """Builds the recipe's datasets with its model's tokenizer (no weights are loaded)."""
-    ref = models.resolve(recipe.model, say)
-    tokenizer = models.load_tokenizer(ref, recipe.model.revision, recipe.model.trust_remote_code)
-    return build_datasets(recipe.data, tokenizer, recipe.train.seed), tokenizer
+def load(recipe: Recipe, source: str | None, say=print):
+    """Builds the recipe's datasets with its model's tokenizer, through the same checks as train (no weights
+    are loaded), quietly: report() shows the same facts in more detail."""
+    checked = preflight.check(recipe, source, say=lambda *_: None)
+    return checked.data, checked.tokenizer
 
 
 def report(data: Datasets, console: Console) -> None:
@@ -34,8 +34,10 @@ def report(data: Datasets, console: Console) -> None:
         drops = ", ".join(f"{reason} {n}" for reason, n in s["dropped"].items()) or "none"
         console.print(f"[bold]{s['split']}[/] {escape(s['path'])} ({s['format']}): {s['records']} records → "
                       f"{s['examples']} examples; dropped: {drops}", highlight=False)
-        for reason, example in s["drop_examples"].items():
-            console.print(f"    {reason}: e.g. {escape(example)}", highlight=False)
+        for reason, examples in s["drop_examples"].items():
+            console.print(f"    {reason}: e.g. {escape('; '.join(examples))}", highlight=False)
+    for note in m.get("notes", []):
+        console.print(f"note: {escape(note)}", highlight=False)
     dup = m.get("duplicates_removed", {})
     ov = m["overlap"]
     console.print(f"duplicates removed: train {dup.get('train', 0)}, held-out {dup.get('eval', 0)}", highlight=False)

@@ -167,7 +167,15 @@ class DataSpec(_Spec):
     dedup: bool = Field(True, description="Drop exact duplicate training examples (normalized text), counted.")
     max_overlap: float = Field(0.05, ge=0, le=1, description="Fail if more than this share of held-out examples "
                                "duplicate a training example (exact or near); below it, warn.")
-    strict: bool = Field(False, description="Fail instead of dropping records (missing fields, unknown labels, empty text).")
+    strict: bool = Field(False, description="Fail on the first record that would be dropped (missing fields, unknown "
+                         "labels, empty text, too long), naming it.")
+    max_drop_fraction: float = Field(
+        0.05, ge=0, le=1, description="Stop before training when a source loses more than this share of its records to "
+        "drops (missing fields, labels outside the set, empty text, too long, nothing to train), naming the reasons and "
+        "examples. 0.05 lets a few broken rows of a large real corpus through (measured on the shipped recipes: MedQuAD "
+        "1.4%, LegalBench overruling 0.4%; TAT-QA 10.7% too long, which its recipe accepts explicitly) while a wrong "
+        "template or label set, which drops far more, stops the run. 0 refuses any drop; strict: true "
+        "fails on the first one.")
 
     _coerce_train = field_validator("train", mode="before")(classmethod(lambda cls, v: _as_sources(v)))
     _coerce_eval = field_validator("eval", mode="before")(classmethod(lambda cls, v: _as_sources(v)))

@@ -14,10 +14,10 @@ from typing import Any
 
 from rich.console import Console
 
-from llamatune import checkpoint
+from llamatune import checkpoint, preflight
 from llamatune import model as models
 from llamatune import resume as resume_from
-from llamatune.data.pipeline import build_datasets, fingerprint
+from llamatune.data.pipeline import fingerprint
 from llamatune.data.batches import collate, epoch_order, eval_order
 from llamatune.data.encode import IGNORE_INDEX
 from llamatune.dropout import use_fast_dropout
@@ -46,7 +46,7 @@ class TrainResult:
 
 def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console: Console | None = None,
           resume: str | None = None, force_resume: bool = False, save_on_signal: str | None = None,
-          evaluate_held_out: bool = True) -> TrainResult:
+          evaluate_held_out: bool = True, source: str | None = None) -> TrainResult:
     """Fine-tunes a LoRA adapter as the recipe says and writes a run directory.
 
     Args:
@@ -60,6 +60,7 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
         save_on_signal: Another signal (e.g. "USR1", which Slurm can send before a time limit) that
             checkpoints and stops like SIGTERM.
         evaluate_held_out: False skips every held-out evaluation (`llamatune bench` times steps only).
+        source: The recipe file, named in data and recipe errors.
 
     Returns:
         The summary written to summary.json and the trained model.
@@ -95,11 +96,10 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
         resume_from.check_unchanged(run_dir, recipe, force_resume, say)
     set_seed(cfg.seed)  # once: python, numpy, torch (adapter init, dropout) all follow from here
 
-    # ---- model source, tokenizer, data -------------------------------------------------------
-    with acc.main_process_first():  # one process fetches/converts a builtin; the others reuse the cache
-        ref = models.resolve(recipe.model, say)
-    tokenizer = models.load_tokenizer(ref, recipe.model.revision, recipe.model.trust_remote_code)
-    data = build_datasets(recipe.data, tokenizer, cfg.seed)
+    # ---- every check validate runs, before any weight is read (model source, tokenizer, data, modules) ----
+    with acc.main_process_first():  # one process fetches/converts a builtin and fills the data cache; the others reuse them
+        checked = preflight.check(recipe, source, say)
+    ref, tokenizer, data = checked.ref, checked.tokenizer, checked.data
     data_fingerprint = fingerprint(data.manifest)
     recipe_sha = hashlib.sha256(recipe_to_yaml(recipe).encode()).hexdigest()
 
@@ -157,8 +157,6 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
         start, tokens_seen, skipped, eval_before = state["step"], state["tokens"], state["skipped_steps"], state["eval_loss_before"]
         best, waited = state["best_eval_loss"], state["evals_without_improvement"]
         say(f"resuming {run_dir} from {ckpt.name} (step {start} of {total_steps})")
-    for warning in data.manifest.get("warnings", []):
-        say(f"[yellow]warning:[/] {warning}")
     metrics = MetricsLog(run_dir / "metrics.jsonl" if acc.is_main_process else None,
                          run_dir / "tensorboard" if cfg.tensorboard else None)
 

@@ -80,13 +80,17 @@ def test_held_out_fraction_splits_by_document(tmp_path, tokenizer):
 def test_length_policy_drop_truncate_error(tmp_path, tokenizer):
     rows = qa_rows(4) + [{"question": "long " * 200, "answer": "x"}, {"question": "short", "answer": "long " * 200}]
     path = write_jsonl(tmp_path / "t.jsonl", rows)
-    data = build_datasets(spec(tmp_path, path, path, max_length=64, max_overlap=1.0), tokenizer, seed=0)
+    with pytest.raises(RecipeError, match=r"t.jsonl \(data.train.0\): 2 of 6 records dropped \(33.3%\), more than "
+                                          r"data.max_drop_fraction=0.05: too_long 2 \(e.g. .*t.jsonl:5: "):
+        build_datasets(spec(tmp_path, path, path, max_length=64, max_overlap=1.0), tokenizer, seed=0)
+    data = build_datasets(spec(tmp_path, path, path, max_length=64, max_overlap=1.0, max_drop_fraction=0.5), tokenizer, seed=0)
     assert data.manifest["length"] == {"train": {"too_long": 2}, "eval": {"too_long": 2}} and len(data.train) == 4
-    data = build_datasets(spec(tmp_path, path, path, max_length=64, max_overlap=1.0, length_policy="truncate"), tokenizer, seed=0)
+    data = build_datasets(spec(tmp_path, path, path, max_length=64, max_overlap=1.0, length_policy="truncate",
+                               max_drop_fraction=0.5), tokenizer, seed=0)
     # the long answer is cut to fit; the long prompt leaves nothing to learn and is still dropped
     assert data.manifest["length"]["train"] == {"truncated": 1, "too_long": 1}
     assert max(len(r[0].input_ids) for r in data.train) == 64
-    with pytest.raises(RecipeError, match=r"t.jsonl:5: \d+ tokens, over data.max_length=64"):
+    with pytest.raises(RecipeError, match=r"t.jsonl:5: [\d,]+ (tokens, over|characters, more than) data.max_length=64"):
         build_datasets(spec(tmp_path, path, path, max_length=64, max_overlap=1.0, length_policy="error"), tokenizer, seed=0)
 
 
@@ -114,14 +118,15 @@ def test_near_duplicate_overlap_is_detected(tmp_path, tokenizer):
 
 def test_manifest_records_sources_hashes_and_drops(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "t.jsonl", qa_rows(6) + [{"question": "no answer here"}])
-    data = build_datasets(spec(tmp_path, path, eval_fraction=0.3), tokenizer, seed=0)
+    data = build_datasets(spec(tmp_path, path, eval_fraction=0.3, max_drop_fraction=0.2), tokenizer, seed=0)
     source = data.manifest["sources"][0]
     import hashlib
 
     assert source["files"] == [{"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "bytes": path.stat().st_size}]
     dropped = [s["dropped"] for s in data.manifest["sources"]]
     assert sum(d.get("missing_field", 0) for d in dropped) == 1
-    assert any("no field 'answer'" in e for s in data.manifest["sources"] for e in s["drop_examples"].values())
+    assert any("t.jsonl:7: no field 'answer'" in e for s in data.manifest["sources"] for shown in s["drop_examples"].values()
+               for e in shown)
     with pytest.raises(RecipeError, match=r"t.jsonl:7: no field 'answer'.*data.strict is on"):
         build_datasets(spec(tmp_path, path, eval_fraction=0.3, strict=True), tokenizer, seed=0)
 

@@ -49,10 +49,15 @@ def test_chat_openai_and_sharegpt_train_every_assistant_turn(tokenizer):
     assert tokenizer.decode(example.input_ids) == full
 
 
-def test_chat_unknown_role_names_it_and_role_mapping_fixes_it():
+def test_chat_unknown_role_names_it_and_role_mapping_fixes_it(tmp_path, tokenizer):
     record = {"messages": [{"from": "patient", "value": "Hi"}, {"from": "doctor", "value": "Hello"}]}
-    with pytest.raises(RecipeError, match=r"chat role 'patient' in message 0 is unknown; map it with roles: \{patient: user\}"):
-        chat(SourceSpec(path="x", format="chat"), record, None, ())
+    good = {"messages": [{"role": "user", "value": "Hi"}, {"role": "assistant", "value": "Hello"}]}
+    path = write_jsonl(tmp_path / "c.jsonl", [good, {"id": "conv-7", **record}])
+    with pytest.raises(RecipeError) as info:
+        build_datasets(DataSpec(train=[{"path": str(path), "format": "chat"}], eval_fraction=0.5), tokenizer, seed=0)
+    assert info.value.problems == [
+        f"{path}:2 (record id 'conv-7'): chat role 'patient' in message 0 is unknown; known roles: assistant, bot, gpt, "
+        "human, model, system, user. Map it in the source, e.g. roles: {patient: user} (or assistant, system) (data.train.0.roles)"]
     mapped = chat(SourceSpec(path="x", format="chat", roles={"patient": "user", "doctor": "assistant"}), record, None, ())
     assert mapped.turns == (Turn("user", "Hi"), Turn("assistant", "Hello"))
 
@@ -75,7 +80,7 @@ def test_classification_keeps_label_set_and_drops_unknown_labels(tmp_path, token
     rows = [{"text": f"Statement {i}", "label": "Yes" if i % 2 else "No"} for i in range(8)] + [{"text": "odd", "label": "Maybe"}]
     path = write_jsonl(tmp_path / "c.jsonl", rows)
     source = {"path": str(path), "format": "classification", "prompt": "Hearsay? {text}", "answer": "{label}", "labels": ["Yes", "No"]}
-    data = build_datasets(DataSpec(train=[source], eval=[source], max_overlap=1.0), tokenizer, seed=0)
+    data = build_datasets(DataSpec(train=[source], eval=[source], max_overlap=1.0, max_drop_fraction=0.2), tokenizer, seed=0)
     entry = data.manifest["sources"][0]
     assert entry["labels"] == ["Yes", "No"] and entry["dropped"] == {"label_not_in_set": 1} and entry["examples"] == 8
     assert all(e.choices == ("Yes", "No") for row in data.eval for e in row)  # kept for evaluation

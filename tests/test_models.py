@@ -46,7 +46,7 @@ def test_lora_target_typo_gets_suggestion(tiny_model_dir):
     with pytest.raises(RecipeError) as info:
         apply_lora(model, LoraSpec(target_modules=("qproj", "v_proj")), quantized=False)
     assert info.value.problems == [
-        "lora.target_modules: 'qproj' not in model; linear layers: down_proj, gate_proj, k_proj, o_proj, "
+        "lora.target_modules.0: 'qproj' not in model; linear layers: down_proj, gate_proj, k_proj, o_proj, "
         "q_proj, up_proj, v_proj. Did you mean 'q_proj'?"
     ]
 

@@ -18,7 +18,7 @@ def test_init_writes_a_recipe_that_validates_and_trains(domain, tmp_path, tiny_m
     recipe = folder / "recipe.yaml"
     validated = CliRunner().invoke(app, ["validate", str(recipe)])
     assert validated.exit_code == 0 and "ok" in validated.output, validated.output
-    parsed = load_recipe(recipe, [f"model.path={tiny_model_dir}", "train.max_steps=1", "train.precision=fp32",
+    parsed = load_recipe(recipe, [f"model.path={tiny_model_dir}", "train.epochs=null", "train.max_steps=1", "train.precision=fp32",
                                   f"output.dir={tmp_path / 'runs'}"])
     summary = train(parsed, "scaffold", run_dir=tmp_path / "run").summary
     kinds = {s.format for s in parsed.data.train}

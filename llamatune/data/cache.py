@@ -22,6 +22,9 @@ from llamatune.fingerprint import sha256_file
 from llamatune.schema import DataSpec
 
 
+_FORMAT = 2  # bumped when the rows or the manifest change shape (2: drops per source with examples, read notes)
+
+
 def cache_key(spec: DataSpec, tokenizer, seed: int, file_hashes: dict[str, str]) -> str | None:
     """Hex key for this data + tokenizer + template, or None when a source cannot be fingerprinted (hub).
 
@@ -32,6 +35,7 @@ def cache_key(spec: DataSpec, tokenizer, seed: int, file_hashes: dict[str, str])
         return None  # a hub dataset has no local files to hash
     files = sorted(file_hashes.items())
     payload = {
+        "format": _FORMAT,
         "data": spec.model_dump(mode="json"),
         "seed": seed,
         "files": files,

@@ -6,12 +6,12 @@ with a reason; the pipeline counts drops by reason (or fails, in strict mode).
 
 from __future__ import annotations
 
+import difflib
 import string
 from dataclasses import dataclass
 from functools import lru_cache
 
 from llamatune.data.fields import MissingField, Template, lookup, parse_template, to_text
-from llamatune.errors import RecipeError
 from llamatune.schema import SourceSpec
 
 _ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
@@ -37,11 +37,29 @@ class Rendered:
 
 
 class Drop(Exception):
-    """This record yields no example, for `reason` (a short key counted in the manifest)."""
+    """This record yields no example, for `reason` (a short key counted in the manifest).
 
-    def __init__(self, reason: str, detail: str):
+    Attributes:
+        field: For reason missing_field, the dotted path that was missing (the pipeline tells a template
+            field no record has from one a few records lack).
+    """
+
+    def __init__(self, reason: str, detail: str, field: str | None = None):
         super().__init__(detail)
-        self.reason, self.detail = reason, detail
+        self.reason, self.detail, self.field = reason, detail, field
+
+
+class RecordProblem(Exception):
+    """A record shows that the source's configuration is wrong (an unknown chat role): not a drop, an error
+    the pipeline reports with the record's place and the recipe key to change.
+
+    Attributes:
+        key: The source's key that fixes it (e.g. "roles").
+    """
+
+    def __init__(self, message: str, key: str):
+        super().__init__(message)
+        self.key = key
 
 
 @lru_cache(maxsize=256)
@@ -54,7 +72,10 @@ def fill(template: str, fields: dict) -> str:
     try:
         value = _t(template).render(fields)
     except MissingField as exc:
-        raise Drop("missing_field", f"no field {exc.path!r} (fields here: {', '.join(exc.available[:12])})") from None
+        close = difflib.get_close_matches(exc.path.split(".")[0], exc.available, n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close and close[0] != exc.path.split(".")[0] else ""
+        raise Drop("missing_field", f"no field {exc.path!r} (fields here: {', '.join(exc.available[:12])}){hint}",
+                   field=exc.path) from None
     if not value.strip():
         raise Drop("empty", f"template {template!r} renders empty")
     return value
@@ -118,8 +139,8 @@ def chat(spec: SourceSpec, fields: dict, system_prompt: str | None, labels: tupl
         content = message.get("content", message.get("value"))
         if raw_role not in roles:
             # An unknown role is a configuration problem, not a bad record: say how to map it.
-            raise RecipeError([f"chat role {raw_role!r} in message {i} is unknown; map it with roles: {{{raw_role}: user}} "
-                               f"(known: {', '.join(sorted(roles))})"])
+            raise RecordProblem(f"chat role {raw_role!r} in message {i} is unknown; known roles: {', '.join(sorted(roles))}. "
+                                f"Map it in the source, e.g. roles: {{{raw_role}: user}} (or assistant, system)", key="roles")
         if not isinstance(content, str) or not content.strip():
             raise Drop("empty", f"message {i} has no text content")
         turns.append(Turn(roles[raw_role], content))

@@ -3,6 +3,7 @@ overlap check → chat template + tokenize + mask → length policy → pack. Ev
 
 from __future__ import annotations
 
+import difflib
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -10,11 +11,16 @@ from dataclasses import dataclass, field
 from llamatune.data import cache
 from llamatune.data.batches import Row, pack, unpacked
 from llamatune.data.encode import Example, encode_document, encode_turns, end_of_turn_trained, set_chat_template
-from llamatune.data.formats import FORMATS, Drop, Rendered, fill
+from llamatune.data.fields import parse_template
+from llamatune.data.formats import FORMATS, Drop, RecordProblem, Rendered, Turn, fill
 from llamatune.data.leakage import normalized_key, overlap
 from llamatune.data.readers import Record, read_source, source_files
 from llamatune.errors import RecipeError
 from llamatune.schema import DataSpec, SourceSpec
+
+
+_EXAMPLES_SHOWN = 3  # drop examples kept per source and reason (file:line each)
+_TEMPLATE_KEYS = ("prompt", "response", "system", "text", "answer", "options", "messages")
 
 
 @dataclass(frozen=True)
@@ -67,38 +73,54 @@ def _build(spec: DataSpec, tokenizer, seed: int, hashes: dict[str, str]) -> Data
 
     Order matters: duplicates are removed from the whole training pool before a held-out share is
     split off (else copies of one record would land on both sides), and the split is by document.
+    Records are measured in characters before anything else touches them, so one huge record is
+    dropped (or cut, with length_policy truncate) without being tokenized or compared whole.
 
     Raises:
-        RecipeError: For unreadable data (naming file and line), strict-mode drops, a held-out set
-            that overlaps training above data.max_overlap, or an empty split.
+        RecipeError: Listing every problem found: unreadable data (naming file and line), a template
+            field no record has, an unknown chat role, strict-mode drops, more drops than
+            data.max_drop_fraction, a held-out set that overlaps training above data.max_overlap, or an
+            empty split.
     """
-    manifest: dict = {"sources": [], "seed": seed}
+    manifest: dict = {"sources": [], "seed": seed, "notes": []}
+    problems: list[str] = []
+    max_chars = spec.max_length * longest_token_chars(tokenizer)
 
-    train_items = [item for k, source in enumerate(spec.train)
-                   for item in _render_source(k, source, spec, "train", manifest, hashes)]
-    train_items = _dedup(train_items, spec.dedup, manifest, "train")
+    def render(split: str, sources: tuple[SourceSpec, ...]) -> list[_Item]:
+        return [item for k, source in enumerate(sources)
+                for item in _render_source(k, source, spec, split, manifest, hashes, problems, max_chars)]
+
+    train_items = _dedup(render("train", spec.train), spec.dedup, manifest, "train")
+    eval_items = render("eval", spec.eval) if spec.eval is not None else []
+    if problems:
+        raise RecipeError(problems)
     if spec.eval is not None:
-        eval_items = [item for k, source in enumerate(spec.eval)
-                      for item in _render_source(k, source, spec, "eval", manifest, hashes)]
         manifest["split"] = {"held_out": "eval sources"}
     else:
-        train_items, eval_items = _split_by_document(train_items, spec.eval_fraction, seed)
+        train_items, eval_items = _split_by_document(train_items, spec.eval_fraction, seed, manifest)
         manifest["split"] = {"held_out": f"{spec.eval_fraction:g} of train documents", "seed": seed,
                              "train_items": len(train_items), "held_out_items": len(eval_items)}
     eval_items = _dedup(eval_items, spec.dedup, manifest, "eval")
-    _check_overlap(train_items, eval_items, spec.max_overlap, manifest)
-    train_items = _weighted(train_items, spec.train, seed)
+    problems += _check_overlap(train_items, eval_items, spec.max_overlap, manifest)
 
-    train = _encode_all(train_items, tokenizer, spec, manifest, "train")
-    held_out = _encode_all(eval_items, tokenizer, spec, manifest, "eval")
+    train = _weighted(_encode_all(train_items, tokenizer, spec, manifest, "train"), spec.train, seed)
+    held_out = [e for _, examples in _encode_all(eval_items, tokenizer, spec, manifest, "eval") for e in examples]
+    problems += _check_drops(manifest, spec.max_drop_fraction)
     for name, examples in (("train", train), ("eval", held_out)):
-        if not examples:
-            raise RecipeError([f"data.{name}: no examples left after reading and dropping; see the drop counts above "
-                               "(llamatune data check shows them)"])
+        if not examples and not problems:
+            problems.append(f"data.{name}: no examples left after reading and dropping ({_drop_summary(manifest, name)})")
+    if problems:
+        raise RecipeError(problems)
     rows = (lambda ex, s: pack(ex, spec.max_length, s)) if spec.packing else (lambda ex, s: unpacked(ex))
     train_rows, eval_rows = rows(train, seed), rows(held_out, seed)
     manifest["totals"] = _totals(train, held_out, train_rows, spec.max_length)
     return Datasets(train=train_rows, eval=eval_rows, manifest=manifest)
+
+
+def longest_token_chars(tokenizer) -> int:
+    """The most characters one token can stand for (its vocabulary entry's length bounds its text), so
+    max_length tokens can never hold more than max_length times this many characters."""
+    return max((len(token) for token in tokenizer.get_vocab()), default=1)
 
 
 def fingerprint(manifest: dict) -> str:
@@ -111,43 +133,105 @@ def fingerprint(manifest: dict) -> str:
     return hashlib.sha256(json.dumps([files, manifest["totals"]], sort_keys=True).encode()).hexdigest()
 
 
-def _split_by_document(items: list[_Item], fraction: float, seed: int) -> tuple[list[_Item], list[_Item]]:
+def _split_by_document(items: list[_Item], fraction: float, seed: int,
+                       manifest: dict) -> tuple[list[_Item], list[_Item]]:
     """Holds out a seeded share of documents (not examples): exploded questions or windows of one
     document stay on one side, so the held-out score is not inflated by siblings seen in training."""
     documents = sorted({i.document for i in items})
+    if not documents:
+        raise RecipeError([f"data.train: no examples to train on ({_drop_summary(manifest, 'train')})"])
     random.Random(seed).shuffle(documents)
     held = set(documents[: max(1, round(fraction * len(documents)))])
     if len(held) == len(documents):
-        raise RecipeError([f"data.eval_fraction: {len(documents)} document(s) in train, nothing would be left to train on; "
-                           "add data or give data.eval"])
+        raise RecipeError([f"data.eval_fraction: the training sources hold {len(documents)} document(s) after "
+                           f"dropping and deduplication ({_drop_summary(manifest, 'train')}); holding out "
+                           f"{fraction:g} of them leaves nothing to train on: add data, or give held-out data in data.eval"])
     return [i for i in items if i.document not in held], [i for i in items if i.document in held]
 
 
 def _render_source(index: int, source: SourceSpec, spec: DataSpec, split: str, manifest: dict,
-                   hashes: dict[str, str]) -> list[_Item]:
-    records = list(read_source(source))
+                   hashes: dict[str, str], problems: list[str], max_chars: int) -> list[_Item]:
+    key = f"data.{split}.{index}"
+    notes: list[str] = []
+    records = list(read_source(source, notes))
+    manifest["notes"] += notes
     render = FORMATS[source.format]
     labels = source.labels or _labels_in(source, records)
-    entry = {"split": split, "path": source.path, "reader": source.reader, "format": source.format,
+    entry = {"split": split, "index": index, "path": source.path, "reader": source.reader, "format": source.format,
              "files": [{"path": str(f), "sha256": hashes[str(f)], "bytes": f.stat().st_size} for f in source_files(source)],
              "records": len(records), "dropped": {}, "drop_examples": {}}
+    manifest["sources"].append(entry)
     items: list[_Item] = []
+    missing: Counter = Counter()
     for record in records:
         try:
-            rendered = render(source, record.fields, spec.system_prompt, labels)
+            rendered = _bounded(render(source, record.fields, spec.system_prompt, labels), max_chars, spec, record.origin)
+        except RecordProblem as exc:
+            problems.append(f"{record.origin}{_record_id(record)}: {exc} ({key}.{exc.key})")
+            break  # one is enough to show what to change; the rest say the same
         except Drop as drop:
             if spec.strict:
                 raise RecipeError([f"{record.origin}: {drop.detail} (data.strict is on; turn it off to drop and count)"]) from None
-            entry["dropped"][drop.reason] = entry["dropped"].get(drop.reason, 0) + 1
-            entry["drop_examples"].setdefault(drop.reason, f"{record.origin}: {drop.detail}")
+            missing[drop.field] += drop.field is not None
+            _count_drop(entry, drop.reason, f"{record.origin}: {drop.detail}")
+            if drop.reason == "too_long":  # measured in characters here; the length policy's count includes it
+                counts = manifest.setdefault("length", {}).setdefault(split, {})
+                counts["too_long"] = counts.get("too_long", 0) + 1
             continue
         text = rendered.document if rendered.document is not None else "\n".join(t.content for t in rendered.turns)
         items.append(_Item(rendered=rendered, origin=record.origin, text=text, document=record.document, source=index))
+    problems += _fields_nobody_has(missing, len(records), records, source, key)
     if labels:
         entry["labels"] = list(labels)
     entry["examples"] = len(items)
-    manifest["sources"].append(entry)
     return items
+
+
+def _bounded(rendered: Rendered, max_chars: int, spec: DataSpec, origin: str) -> Rendered:
+    """Measures a conversation in characters before it is tokenized: more than max_length tokens can
+    hold is too long whatever the tokenizer does, so it is dropped (or refused) without tokenizing it,
+    or, with length_policy truncate, cut to what can still fit. Documents (format text) are windowed."""
+    if rendered.document is not None:
+        return rendered
+    size = sum(len(t.content) for t in rendered.turns)
+    if size <= max_chars:
+        return rendered
+    detail = f"{size:,} characters, more than data.max_length={spec.max_length} tokens can hold"
+    if spec.length_policy == "error":
+        raise RecipeError([f"{origin}: {detail} (data.length_policy: error); raise max_length or choose drop/truncate"])
+    if spec.length_policy == "drop":
+        raise Drop("too_long", detail)
+    # Each turn keeps at most max_chars: that is already more than the max_length tokens truncation keeps.
+    turns = tuple(Turn(t.role, t.content[:max_chars]) for t in rendered.turns)
+    return Rendered(turns=turns, document=None, choices=rendered.choices)
+
+
+def _count_drop(entry: dict, reason: str, example: str) -> None:
+    entry["dropped"][reason] = entry["dropped"].get(reason, 0) + 1
+    shown = entry["drop_examples"].setdefault(reason, [])
+    if len(shown) < _EXAMPLES_SHOWN:
+        shown.append(example)
+
+
+def _record_id(record: Record) -> str:
+    value = record.fields.get("id") if isinstance(record.fields, dict) else None
+    return f" (record id {value!r})" if value is not None and not record.origin.endswith(f"[{value}]") else ""
+
+
+def _fields_nobody_has(missing: Counter, n_records: int, records: list[Record], source: SourceSpec, key: str) -> list[str]:
+    """A template field that not one record of the source has is a typo in the recipe, not bad data."""
+    problems = []
+    for path, count in missing.items():
+        if count < n_records or n_records == 0:
+            continue
+        present = sorted({k for r in records[:1000] for k in r.fields})
+        close = difflib.get_close_matches(path.split(".")[0], present, n=1, cutoff=0.6)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        templates = [name for name in _TEMPLATE_KEYS if getattr(source, name) and path in parse_template(getattr(source, name)).fields]
+        where = ", ".join(f"{key}.{name}" for name in templates) or f"{key} ({source.format} format)"
+        problems.append(f"{where}: template field {path!r} is in none of the {n_records} records of {source.path}; the "
+                        f"records have: {', '.join(present[:20])}.{hint}")
+    return problems
 
 
 def _labels_in(source: SourceSpec, records: list[Record]) -> tuple[str, ...]:
@@ -176,7 +260,7 @@ def _dedup(items: list[_Item], enabled: bool, manifest: dict, split: str) -> lis
     return kept
 
 
-def _check_overlap(train: list[_Item], held_out: list[_Item], limit: float, manifest: dict) -> None:
+def _check_overlap(train: list[_Item], held_out: list[_Item], limit: float, manifest: dict) -> list[str]:
     found = overlap([i.text for i in train], [i.text for i in held_out])
     share = (found["exact"] + found["near"]) / max(len(held_out), 1)
     manifest["overlap"] = {"exact": found["exact"], "near": found["near"], "share": round(share, 4),
@@ -186,33 +270,43 @@ def _check_overlap(train: list[_Item], held_out: list[_Item], limit: float, mani
             f"{found['exact'] + found['near']} held-out examples ({share:.1%}) duplicate training examples "
             f"(exact {found['exact']}, near {found['near']}), within data.max_overlap={limit:g}")
     if share > limit:
-        raise RecipeError([
+        return [
             f"data: {found['exact']} held-out examples duplicate training examples exactly and {found['near']} nearly "
             f"({share:.1%} of {len(held_out)}, above data.max_overlap={limit:g}); e.g. "
             f"{', '.join(manifest['overlap']['examples'][:3])}. Deduplicate the sources, or raise data.max_overlap"
-        ])
+        ]
+    return []
 
 
-def _weighted(items: list[_Item], sources: tuple[SourceSpec, ...], seed: int) -> list[_Item]:
-    """Repeats (weight > 1) or subsamples (weight < 1, seeded) each source's items."""
+def _weighted(encoded: list[tuple[_Item, list[Example]]], sources: tuple[SourceSpec, ...], seed: int) -> list[Example]:
+    """Repeats (weight > 1) or subsamples (weight < 1, seeded) each source's items, after encoding (so a
+    repeated item is encoded, and a dropped one counted, once)."""
     if all(s.weight == 1.0 for s in sources):
-        return items
-    out: list[_Item] = []
+        return [e for _, examples in encoded for e in examples]
+    out: list[Example] = []
     rng = random.Random(f"weight-{seed}")
     for k, source in enumerate(sources):
-        mine = [i for i in items if i.source == k]
+        mine = [examples for item, examples in encoded if item.source == k]
         whole, frac = int(source.weight), source.weight - int(source.weight)
-        out += mine * whole + rng.sample(mine, round(frac * len(mine)))
+        for examples in mine * whole + rng.sample(mine, round(frac * len(mine))):
+            out += examples
     return out
 
 
-def _encode_all(items: list[_Item], tokenizer, spec: DataSpec, manifest: dict, split: str) -> list[Example]:
-    examples: list[Example] = []
-    dropped: Counter = Counter()
+def _encode_all(items: list[_Item], tokenizer, spec: DataSpec, manifest: dict, split: str) -> list[tuple[_Item, list[Example]]]:
+    """Tokenizes and masks every item; length drops are counted per split and on the item's source."""
+    encoded: list[tuple[_Item, list[Example]]] = []
+    dropped: Counter = Counter(manifest.get("length", {}).get(split, {}))  # too_long by characters, when rendered
     missing_eot = chat_examples = 0
+    entries = {e["index"]: e for e in manifest["sources"] if e["split"] == (split if spec.eval is not None else "train")}
+
+    def drop(item: _Item, reason: str, detail: str) -> None:
+        dropped[reason] += 1
+        _count_drop(entries[item.source], reason, f"{item.origin}: {detail}")
+
     for item in items:
         if item.rendered.document is not None:
-            examples += encode_document(tokenizer, item.rendered.document, spec.max_length, spec.text_overlap)
+            encoded.append((item, encode_document(tokenizer, item.rendered.document, spec.max_length, spec.text_overlap)))
             continue
         example = encode_turns(tokenizer, item.rendered.turns)
         chat_examples += 1
@@ -223,20 +317,20 @@ def _encode_all(items: list[_Item], tokenizer, spec: DataSpec, manifest: dict, s
                 raise RecipeError([f"{item.origin}: {len(example.input_ids)} tokens, over data.max_length={spec.max_length} "
                                    "(data.length_policy: error); raise max_length or choose drop/truncate"])
             if spec.length_policy == "drop":
-                dropped["too_long"] += 1
+                drop(item, "too_long", f"{len(example.input_ids)} tokens, over data.max_length={spec.max_length}")
                 continue
             example = Example(example.input_ids[: spec.max_length], example.labels[: spec.max_length], example.choices)
             if example.n_label_tokens == 0:  # the prompt alone fills max_length: nothing left to learn
-                dropped["too_long"] += 1
+                drop(item, "too_long", f"the prompt alone fills data.max_length={spec.max_length} tokens")
                 continue
             dropped["truncated"] += 1  # kept, but counted: its answer may have lost its end
         if example.n_label_tokens == 0:
-            dropped["no_trained_tokens"] += 1
+            drop(item, "no_trained_tokens", "no token left to train on after masking the prompt")
             continue
         if not end_of_turn_trained(example, tokenizer):
             missing_eot += 1  # kept, but a model that never learns to stop is worth a warning
-        examples.append(example)
-    manifest.setdefault("length", {})[split] = dict(dropped)
+        encoded.append((item, [example]))
+    manifest.setdefault("length", {})[split] = {k: v for k, v in dropped.items() if v}
     # The doctor's findings: encode_turns already refused any template whose prompt differs from the
     # inference rendering, so every chat example counted here passed that check.
     manifest.setdefault("doctor", {})[split] = {
@@ -247,7 +341,27 @@ def _encode_all(items: list[_Item], tokenizer, spec: DataSpec, manifest: dict, s
     if missing_eot:
         manifest.setdefault("warnings", []).append(f"{split}: {missing_eot} examples do not train the end-of-turn token "
                                                    f"{tokenizer.eos_token!r}; the model may not learn to stop")
-    return examples
+    return encoded
+
+
+def _check_drops(manifest: dict, limit: float) -> list[str]:
+    """One problem per source that lost more than `limit` of its records, with counts by reason and examples."""
+    problems = []
+    for entry in manifest["sources"]:
+        lost = sum(entry["dropped"].values())
+        if entry["records"] and lost / entry["records"] > limit:
+            reasons = "; ".join(f"{reason} {n} (e.g. {entry['drop_examples'][reason][0]})" for reason, n in entry["dropped"].items())
+            problems.append(f"{entry['path']} (data.{entry['split']}.{entry['index']}): {lost} of {entry['records']} records "
+                            f"dropped ({lost / entry['records']:.1%}), more than data.max_drop_fraction={limit:g}: {reasons}. "
+                            "Fix the records or the source's templates/labels, or raise data.max_drop_fraction to accept the loss "
+                            "(llamatune data check lists the drops)")
+    return problems
+
+
+def _drop_summary(manifest: dict, split: str) -> str:
+    parts = [f"{e['path']}: {e['records']} records, dropped " + (", ".join(f"{r} {n}" for r, n in e["dropped"].items()) or "none")
+             for e in manifest["sources"] if e["split"] == split]
+    return "; ".join(parts) or "no sources"
 
 
 def _totals(train: list[Example], held_out: list[Example], rows: list[Row], max_length: int) -> dict:

@@ -1,0 +1,101 @@
+"""Everything `llamatune train` checks before it reads a single weight, as one function that `validate`
+runs too: so `validate` says `ok` exactly when `train` would get to its first step.
+
+    recipe ─► data files exist ─► model reference ─► tokenizer ─► the whole data pipeline
+          (readers, templates, formats, tokenization, drops, dedup, split, overlap)
+          ─► module names from config.json on the meta device (lora.target_modules)
+
+Problems are reported all at once where they can be (every data problem, every bad target module),
+naming the recipe file, and the drops are shown by source and reason with their first file:line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from llamatune import model as models
+from llamatune.data.pipeline import Datasets, build_datasets
+from llamatune.data.readers import source_files
+from llamatune.errors import RecipeError
+from llamatune.schema import Recipe
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What the checks produced, reused by training: nothing is read or tokenized twice."""
+
+    ref: str  # what from_pretrained loads: a local folder (builtin and GGUF models converted once) or a hub id
+    kind: str  # builtin | gguf | folder | hub
+    tokenizer: Any  # with the recipe's chat template applied
+    data: Datasets
+    linear_modules: list[str]
+
+
+def check_files(recipe: Recipe, source: str | None) -> str:
+    """The cheap checks: every data source names existing data files, and the model reference is valid.
+
+    Returns:
+        The model reference's kind.
+
+    Raises:
+        RecipeError: Listing every missing source and a bad model reference, naming the recipe file.
+    """
+    problems = []
+    for split in ("train", "eval"):
+        for i, spec in enumerate(getattr(recipe.data, split) or ()):
+            try:
+                source_files(spec)
+            except RecipeError as exc:
+                problems += [f"data.{split}.{i}.path: {p}" for p in exc.problems]
+    try:
+        kind = models.classify(recipe.model.path)
+    except RecipeError as exc:
+        problems += exc.problems
+    if problems:
+        raise RecipeError(problems, source=source)
+    return kind
+
+
+def check(recipe: Recipe, source: str | None, say: Callable[[str], None] = print) -> Checked:
+    """Runs every check `train` runs before loading weights; prints the drops by source.
+
+    Args:
+        recipe: The validated recipe.
+        source: The recipe file, named in every problem.
+        say: Where progress and the data summary go.
+
+    Raises:
+        RecipeError: For bad data or a bad lora.target_modules (exit 2), naming the recipe file.
+        LlamatuneError: For a model or tokenizer that cannot be read.
+    """
+    kind = check_files(recipe, source)
+    ref = models.resolve(recipe.model, say)
+    tokenizer = models.load_tokenizer(ref, recipe.model.revision, recipe.model.trust_remote_code)
+    try:
+        data = build_datasets(recipe.data, tokenizer, recipe.train.seed)
+    except RecipeError as exc:
+        raise RecipeError(exc.problems, source=source) from None
+    show_data(data.manifest, say)
+    modules = models.meta_linear_module_names(ref, recipe.model)
+    problems = models.target_module_problems(recipe.lora, modules)
+    if problems:
+        raise RecipeError(problems, source=source)
+    return Checked(ref=ref, kind=kind, tokenizer=tokenizer, data=data, linear_modules=modules)
+
+
+def show_data(manifest: dict, say: Callable[[str], None]) -> None:
+    """One line per source (records → examples, drops by reason with their first places), then the notes
+    on how files were read and the warnings: what train and validate print before anything else happens."""
+    from rich.markup import escape
+
+    for s in manifest["sources"]:
+        drops = ", ".join(f"{reason} {n}" for reason, n in s["dropped"].items())
+        say(f"data {s['split']} {escape(s['path'])} ({s['format']}): {s['records']} records → {s['examples']} examples"
+            + (f"; [yellow]dropped {sum(s['dropped'].values())}[/]: {drops}" if drops else "; dropped none"))
+        for reason, places in s["drop_examples"].items():
+            say(f"    {reason}: {escape('; '.join(places))}")
+    for note in manifest.get("notes", []):
+        say(f"note: {escape(note)}")
+    for warning in manifest.get("warnings", []):
+        say(f"[yellow]warning:[/] {escape(warning)}")
