@@ -34,6 +34,11 @@ def classify(path: str) -> SourceKind:
         if not (local / "config.json").is_file():
             raise RecipeError([f"model.path: folder {local} has no config.json; point it at a Hugging Face model folder"])
         return "folder"
+    if local.exists() and not local.is_file() and not local.is_dir():
+        raise RecipeError([f"model.path: {local} is neither a file nor a folder"])
+    if local.is_file():
+        raise RecipeError([f"model.path: {local} is a file but not a .gguf model; give a .gguf file or the Hugging "
+                           "Face folder that holds config.json and the weights"])
     if path in BUILTINS:
         return "builtin"
     if _HUB_ID.match(path) and not path.endswith(".gguf"):
@@ -64,8 +69,10 @@ def load_tokenizer(ref: str, revision: str | None = None, trust_remote_code: boo
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(ref, revision=revision, trust_remote_code=trust_remote_code)
-    except OSError as exc:
-        raise LlamatuneError(f"could not load a tokenizer from {ref!r}: {exc}") from exc
+    except (OSError, ValueError, KeyError) as exc:  # ValueError: no tokenizer files, or unreadable ones
+        where = f"the folder {ref}" if Path(ref).is_dir() else repr(ref)
+        raise LlamatuneError(f"could not load a tokenizer from {where}: {exc}. The folder needs the tokenizer's files "
+                             "(tokenizer.json and tokenizer_config.json, as save_pretrained writes them)") from None
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of both attention and labels, so any id is safe here.
         tokenizer.pad_token = tokenizer.eos_token

@@ -18,6 +18,7 @@ from llamatune import model as models
 from llamatune.data.pipeline import Datasets, build_datasets
 from llamatune.data.readers import source_files
 from llamatune.errors import RecipeError
+from llamatune.recipe import place
 from llamatune.schema import Recipe
 
 
@@ -42,19 +43,34 @@ def check_files(recipe: Recipe, source: str | None) -> str:
         RecipeError: Listing every missing source and a bad model reference, naming the recipe file.
     """
     problems = []
+    root = recipe.data.root
+    if root is not None and not root.is_dir():
+        problems.append(f"data.root: {root} is {'a file, not a folder' if root.exists() else 'not an existing folder'}; "
+                        "relative source paths resolve against it")
     for split in ("train", "eval"):
         for i, spec in enumerate(getattr(recipe.data, split) or ()):
             try:
                 source_files(spec)
             except RecipeError as exc:
                 problems += [f"data.{split}.{i}.path: {p}" for p in exc.problems]
+    kind = None
     try:
         kind = models.classify(recipe.model.path)
     except RecipeError as exc:
         problems += exc.problems
+    problems += _output_problems(recipe)
     if problems:
-        raise RecipeError(problems, source=source)
+        raise RecipeError(place(recipe, problems), source=source)
     return kind
+
+
+def _output_problems(recipe: Recipe) -> list[str]:
+    """output.dir must be a folder, or creatable: a regular file there (or above it) would only fail after
+    the model has loaded."""
+    for parent in [recipe.output.dir, *recipe.output.dir.parents]:
+        if parent.exists():
+            return [] if parent.is_dir() else [f"output.dir: {parent} is a file, not a folder; choose another output.dir"]
+    return []
 
 
 def check(recipe: Recipe, source: str | None, say: Callable[[str], None] = print) -> Checked:
@@ -75,12 +91,12 @@ def check(recipe: Recipe, source: str | None, say: Callable[[str], None] = print
     try:
         data = build_datasets(recipe.data, tokenizer, recipe.train.seed)
     except RecipeError as exc:
-        raise RecipeError(exc.problems, source=source) from None
+        raise RecipeError(place(recipe, exc.problems), source=source) from None
     show_data(data.manifest, say)
     modules = models.meta_linear_module_names(ref, recipe.model)
     problems = models.target_module_problems(recipe.lora, modules)
     if problems:
-        raise RecipeError(problems, source=source)
+        raise RecipeError(place(recipe, problems), source=source)
     return Checked(ref=ref, kind=kind, tokenizer=tokenizer, data=data, linear_modules=modules)
 
 

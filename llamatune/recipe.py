@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+from dataclasses import dataclass, field
 import re
 import types
 import typing
@@ -56,13 +57,17 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     path = Path(path)
     text = _read_text(path)
     try:
-        raw = yaml.safe_load(text) or {}
-        lines, duplicates = _key_lines(text)
+        raw = yaml.safe_load(text)
+        lines, duplicates, written = _key_lines(text)
     except yaml.YAMLError as exc:
-        raise RecipeError([f"not valid YAML: {exc}"], source=str(path)) from None
+        hint = "; YAML cannot indent with tabs: use spaces" if "'\\t'" in str(exc) else ""
+        raise RecipeError([f"not valid YAML: {exc}{hint}"], source=str(path)) from None
+    if raw is None:
+        raise RecipeError(["the recipe is empty (nothing but blanks or comments); at least data.train is needed, "
+                           "e.g. data: {train: train.jsonl} (see recipes/quickstart.yaml)"], source=str(path))
     if not isinstance(raw, dict):
-        raise RecipeError([f"the top level must be a mapping of sections (model:, lora:, data:, ...), not a "
-                           f"{type(raw).__name__}"], source=str(path))
+        raise RecipeError([f"the top level must be a mapping of sections (model:, lora:, data:, ...), not "
+                           f"{type(raw).__name__} {_short(raw)}"], source=str(path))
 
     # YAML keeps the last of two equal keys without a word: a silent override, so it is an error here.
     problems: list[str] = [f"{'.'.join(key)} (line {second}): set twice in one mapping, first at line {first}; "
@@ -78,7 +83,19 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     # Paths are resolved after overrides, so --set data.root=... applies to the file's sources.
     secrets: list[tuple[str, str]] = []
     _resolve_paths(raw, path.parent, from_cli, problems, secrets)
-    return _validate(raw, lines, str(path), problems, Redactor.of(secrets))
+    return _validate(raw, lines, str(path), problems, Redactor.of(secrets), written)
+
+
+def place(recipe: Recipe, problems: list[str]) -> list[str]:
+    """Adds the recipe line to problems found after loading that start with a dotted key
+    ("data.train.0.path: ..." becomes "data.train.0.path (line 7): ..."), and hides secrets."""
+    lines = recipe._provenance.lines if recipe._provenance else {}
+    return [redactor_of(recipe).text(_placed(p, lines)) for p in problems]
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _read_text(path: Path) -> str:
@@ -108,9 +125,17 @@ def parse_recipe(raw: dict[str, Any], base_dir: Path = Path(".")) -> Recipe:
     return _validate(raw, {}, None, problems, Redactor.of(secrets))
 
 
+@dataclass(frozen=True)
+class Provenance:
+    """Where a loaded recipe's values came from; two recipes with equal keys are equal whatever their provenance."""
+
+    lines: dict = field(default_factory=dict, compare=False)  # key path -> YAML line or "--set"
+    redactor: Redactor = field(default_factory=Redactor, compare=False)
+
+
 def redactor_of(recipe: Recipe) -> Redactor:
     """What to hide when showing or writing anything derived from this recipe (see secrets.py)."""
-    return getattr(recipe, "_redactor", None) or Redactor()
+    return recipe._provenance.redactor if recipe._provenance else Redactor()
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
@@ -135,19 +160,19 @@ def describe_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tup
 
 
 def _validate(raw: dict, lines: dict[tuple, int | str], source: str | None, problems: list[str],
-              redactor: Redactor) -> Recipe:
+              redactor: Redactor, written: dict[tuple, str] | None = None) -> Recipe:
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
-        problems += [_describe(err, lines) for err in exc.errors()]
+        problems += [_describe(err, lines, written or {}) for err in exc.errors()]
         recipe = None
     if problems:
         raise RecipeError([redactor.text(_placed(p, lines)) for p in problems], source=source)
-    recipe._redactor = redactor
+    recipe._provenance = Provenance(lines=lines, redactor=redactor)
     return recipe
 
 
-def _describe(err: dict, lines: dict[tuple, int | str]) -> str:
+def _describe(err: dict, lines: dict[tuple, int | str], written: dict[tuple, str]) -> str:
     """Turns one pydantic error into 'dotted.key (line N): what is wrong (did you mean ...)'."""
     loc = tuple(str(p) for p in err["loc"] if not _is_union_tag(p))
     keys = (err.get("ctx") or {}).get("keys")
@@ -168,7 +193,8 @@ def _describe(err: dict, lines: dict[tuple, int | str]) -> str:
     shown = f" (got {given!r})" if not isinstance(given, dict) else ""
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "string_type" and isinstance(given, bool):
-        shown += "; YAML reads yes/no/on/off/true/false as booleans: quote it, e.g. \"yes\""
+        text = written.get(loc, "yes")
+        shown = f" (written {text}, which YAML reads as the boolean {given}); quote it: \"{text}\""
     return f"{where}: {msg}{shown}"
 
 
@@ -211,16 +237,20 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _key_lines(text: str) -> tuple[dict[tuple, int | str], list[tuple[tuple, int, int]]]:
+def _key_lines(text: str) -> tuple[dict[tuple, int | str], list[tuple[tuple, int, int]], dict[tuple, str]]:
     """Maps each dotted key path in the YAML text to its 1-based line number.
 
     Returns:
-        (key path -> line, [(key path, first line, repeated line)] for keys that occur twice in one mapping).
+        (key path -> line, [(key path, first line, repeated line)] for keys that occur twice in one mapping,
+        key path -> scalar value as written).
     """
     out: dict[tuple, int | str] = {}
     duplicates: list[tuple[tuple, int, int]] = []
+    written: dict[tuple, str] = {}  # scalars as written (YAML turns `off` into False: the message shows `off`)
 
     def walk(node: Any, prefix: tuple) -> None:
+        if isinstance(node, yaml.ScalarNode):
+            written[prefix] = node.value
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
                 here = prefix + (str(key.value),)
@@ -235,7 +265,7 @@ def _key_lines(text: str) -> tuple[dict[tuple, int | str], list[tuple[tuple, int
                 walk(item, prefix + (str(i),))
 
     walk(yaml.compose(text), ())
-    return out, duplicates
+    return out, duplicates, written
 
 
 def _nearest_line(loc: tuple, lines: dict[tuple, int | str]) -> int | str | None:

@@ -37,6 +37,9 @@ def choose_run_dir(recipe: Recipe, recipe_name: str, override: Path | None = Non
         path = recipe.output.dir / recipe.output.name
     else:
         path = recipe.output.dir / f"{recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if path.exists() and not path.is_dir():
+        where = "--run-dir" if override is not None else "output.dir/output.name"
+        raise RecipeError([f"{where}: {path} is an existing file, not a run directory; choose another path"])
     if path.exists() and any(path.iterdir()):
         raise RecipeError([
             f"output: run directory {path} already exists and is not empty; choose another with "

@@ -64,7 +64,7 @@ class LoraSpec(_Spec):
     @model_validator(mode="after")
     def _non_empty_targets(self) -> "LoraSpec":
         if isinstance(self.target_modules, tuple) and not self.target_modules:
-            raise ValueError("target_modules is an empty list; use 'all-linear' or name at least one module")
+            raise conflict(("target_modules",), "an empty list; use 'all-linear' or name at least one module")
         return self
 
 
@@ -156,6 +156,14 @@ class DataSpec(_Spec):
     )
     system_prompt: str | None = Field(None, description="System message put before every example (unless a source sets `system`).")
     chat_template: str = Field("model", description="'model' (the tokenizer's own), 'chatml', or a custom Jinja chat template.")
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_known(cls, value: str) -> str:
+        if value not in ("model", "chatml") and "{{" not in value and "{%" not in value:
+            raise ValueError(f"{value!r} is neither a known name (model: the tokenizer's own; chatml) nor a Jinja "
+                             "template (one with {{ ... }} or {% ... %})")
+        return value
     max_length: int = Field(512, ge=16, description="Max tokens per example (and per packed row).")
     length_policy: Literal["drop", "truncate", "error"] = Field(
         "drop", description="Examples over max_length: drop (counted), truncate (keeps the start; the answer may lose its "
@@ -191,6 +199,8 @@ class DataSpec(_Spec):
 
     @model_validator(mode="after")
     def _eval_or_fraction(self) -> "DataSpec":
+        if not self.train:
+            raise conflict(("train",), "an empty list of sources; name at least one training file")
         if self.eval is not None and self.eval_fraction is not None:
             raise conflict(("eval", "eval_fraction"), "set either `eval` (held-out sources) or `eval_fraction` (split train), not both")
         if self.text_overlap >= self.max_length:
@@ -264,7 +274,8 @@ class Recipe(_Spec):
     data: DataSpec
     train: TrainSpec = TrainSpec()
     output: OutputSpec = OutputSpec()
-    # Set by the recipe loader: values interpolated from the environment, shown as ${NAME} (secrets.py).
-    _redactor: Any = PrivateAttr(default=None)
+    # Set by the recipe loader (recipe.Provenance): the YAML line of each key, for problems found later, and the
+    # values interpolated from the environment, shown as ${NAME} (secrets.py). Not part of equality.
+    _provenance: Any = PrivateAttr(default=None)
 
 

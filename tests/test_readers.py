@@ -75,7 +75,7 @@ def test_hub_reader_loads_a_local_dataset_folder(tmp_path):
 
 @pytest.mark.parametrize("name,content,expected", [
     ("bad.jsonl", b'{"q": 1}\n{"q": \n', r"bad.jsonl:2: not valid JSON"),
-    ("latin.jsonl", '{"q": "ok"}\n{"q": "café"}\n'.encode("latin-1"), r"latin.jsonl: not valid utf-8 at byte offset 22 \(line 2\); set the source's encoding"),
+    ("latin.jsonl", '{"q": "ok"}\n{"q": "café"}\n'.encode("latin-1"), r"latin.jsonl:2: not valid utf-8 at byte offset 22 \(byte 0xe9\); set the source's encoding"),
     ("cols.tsv", b"a\tb\nx\ty\nonly-one\n", r"cols.tsv:3: 1 columns, the header has 2"),
     ("map.json", b'{"data": [1, 2], "n": 2}', r"map.json: a JSON mapping was found where a list of records was expected"),
     ("arr.jsonl", b'[1, 2]\n', r"arr.jsonl:1: expected a JSON object per line, got a list"),

@@ -106,5 +106,5 @@ def test_validate_cli_exit_2_without_traceback(tmp_path):
 def test_yaml_booleans_in_string_fields_get_a_quoting_hint(tmp_path):
     path = write(tmp_path, "data:\n  train:\n    path: train.jsonl\n    format: classification\n    labels: [yes, no]\n")
     found = problems_of(path)
-    assert found[0] == ("data.train.0.labels.0 (line 5): Input should be a valid string (got True); "
-                        'YAML reads yes/no/on/off/true/false as booleans: quote it, e.g. "yes"')
+    assert found[0] == ("data.train.0.labels.0 (line 5): Input should be a valid string (written yes, which YAML reads "
+                        'as the boolean True); quote it: "yes"')

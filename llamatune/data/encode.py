@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from llamatune.data.formats import Turn
-from llamatune.errors import LlamatuneError
+from llamatune.errors import LlamatuneError, RecipeError
 
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy skips targets with this value
 
@@ -42,6 +42,21 @@ def set_chat_template(tokenizer, choice: str) -> None:
             "the tokenizer has no chat template, so prompts cannot be rendered the way the model will see them at "
             "inference. Use an instruct/chat model, or set data.chat_template: chatml (or your own Jinja template)."
         )
+    # Rendered once now, so a template that raises or does not parse fails here, naming the key, not mid-data.
+    render_chat(tokenizer, [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                            {"role": "assistant", "content": "a"}], tokenize=False)
+
+
+def render_chat(tokenizer, messages: list[dict], **kwargs):
+    """tokenizer.apply_chat_template, with a failing template (user code: Jinja) reported as a recipe error."""
+    import jinja2
+
+    try:
+        return tokenizer.apply_chat_template(messages, **kwargs)
+    except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+        raise RecipeError([f"data.chat_template: the chat template failed to render a conversation of "
+                           f"{', '.join(m['role'] for m in messages) or 'no messages'}: {type(exc).__name__}: {exc}. Fix "
+                           "the template, or use data.chat_template: chatml"]) from None
 
 
 def encode(tokenizer, prompt: str, response: str, system_prompt: str | None = None) -> Example:
@@ -69,8 +84,8 @@ def encode_turns(tokenizer, turns: Sequence[Turn]) -> Example:
     for i, turn in enumerate(turns):
         if turn.role != "assistant":
             continue
-        prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        prompt = render_chat(tokenizer, messages[:i], tokenize=False, add_generation_prompt=True)
+        full = render_chat(tokenizer, messages[: i + 1], tokenize=False)
         if not (prompt.startswith(done) and full.startswith(prompt)):
             raise LlamatuneError(
                 "the chat template renders a conversation differently from its own prompt with add_generation_prompt=True "

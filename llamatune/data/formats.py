@@ -107,8 +107,12 @@ def multiple_choice(spec: SourceSpec, fields: dict, system_prompt: str | None, l
         letters, texts = [str(k) for k in options], [to_text(v) for v in options.values()]
     elif isinstance(options, list) and options:
         letters, texts = list(string.ascii_uppercase[: len(options)]), [to_text(v) for v in options]
+    elif options is None:
+        raise Drop("missing_field", f"no field {spec.options!r} (the options; fields here: {', '.join(map(str, fields))})",
+                   field=spec.options)
     else:
-        raise Drop("missing_field", f"options {spec.options!r} is not a non-empty list or mapping")
+        raise Drop("bad_options", f"options {spec.options!r} is {type(options).__name__} {str(options)[:40]!r}, not a "
+                   "non-empty list or mapping letter -> text")
     answer = fill(spec.answer, fields).strip()
     if answer not in letters:
         if answer not in texts:
@@ -128,15 +132,19 @@ def multiple_choice(spec: SourceSpec, fields: dict, system_prompt: str | None, l
 
 def chat(spec: SourceSpec, fields: dict, system_prompt: str | None, labels: tuple[str, ...]) -> Rendered:
     messages = lookup(fields, tuple(spec.messages.split(".")))
+    if messages is None:
+        raise Drop("missing_field", f"no field {spec.messages!r} (the message list; fields here: "
+                   f"{', '.join(map(str, fields))})", field=spec.messages)
     if not isinstance(messages, list) or not messages:
-        raise Drop("missing_field", f"no message list at {spec.messages!r}")
+        raise Drop("bad_messages", f"{spec.messages!r} is {type(messages).__name__} {str(messages)[:40]!r}, not a "
+                   "non-empty list of messages")
     roles = {**_ROLES, **spec.roles}
     turns: list[Turn] = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise Drop("bad_message", f"message {i} is {type(message).__name__}, not an object")
         raw_role = message.get("role", message.get("from"))
-        content = message.get("content", message.get("value"))
+        content = _content_text(message.get("content", message.get("value")))
         if raw_role not in roles:
             # An unknown role is a configuration problem, not a bad record: say how to map it.
             raise RecordProblem(f"chat role {raw_role!r} in message {i} is unknown; known roles: {', '.join(sorted(roles))}. "
@@ -151,6 +159,18 @@ def chat(spec: SourceSpec, fields: dict, system_prompt: str | None, labels: tupl
     while turns[-1].role != "assistant":
         turns.pop()  # trailing user turns have no answer to learn
     return Rendered(turns=tuple(turns))
+
+
+def _content_text(content):
+    """OpenAI's content parts ([{"type": "text", "text": ...}, ...]) as one string; a part that is not text
+    (an image, audio) cannot be trained by a text model, so such a message is dropped, not half-read."""
+    if not isinstance(content, list):
+        return content
+    kinds = {part.get("type") for part in content if isinstance(part, dict)}
+    if kinds != {"text"} or not all(isinstance(p, dict) for p in content):
+        raise Drop("non_text_content", f"message content holds parts of type {', '.join(sorted(map(str, kinds)))}; only "
+                   "text parts can be trained")
+    return "".join(str(part.get("text", "")) for part in content)
 
 
 def text(spec: SourceSpec, fields: dict, system_prompt: str | None, labels: tuple[str, ...]) -> Rendered:

@@ -14,7 +14,7 @@ from llamatune.data.encode import Example, encode_document, encode_turns, end_of
 from llamatune.data.fields import parse_template
 from llamatune.data.formats import FORMATS, Drop, RecordProblem, Rendered, Turn, fill
 from llamatune.data.leakage import normalized_key, overlap
-from llamatune.data.readers import Record, read_source, source_files
+from llamatune.data.readers import Record, SourceKeyError, read_source, source_files
 from llamatune.errors import RecipeError
 from llamatune.schema import DataSpec, SourceSpec
 
@@ -92,6 +92,8 @@ def _build(spec: DataSpec, tokenizer, seed: int, hashes: dict[str, str]) -> Data
 
     train_items = _dedup(render("train", spec.train), spec.dedup, manifest, "train")
     eval_items = render("eval", spec.eval) if spec.eval is not None else []
+    # Drops while rendering are already decisive (a wrong template or label set): say so before splitting.
+    problems += _check_drops(manifest, spec.max_drop_fraction)
     if problems:
         raise RecipeError(problems)
     if spec.eval is not None:
@@ -153,7 +155,10 @@ def _render_source(index: int, source: SourceSpec, spec: DataSpec, split: str, m
                    hashes: dict[str, str], problems: list[str], max_chars: int) -> list[_Item]:
     key = f"data.{split}.{index}"
     notes: list[str] = []
-    records = list(read_source(source, notes))
+    try:
+        records = list(read_source(source, notes))
+    except SourceKeyError as exc:
+        raise RecipeError([f"{key}.{exc.key}: {p}" for p in exc.problems]) from None
     manifest["notes"] += notes
     render = FORMATS[source.format]
     labels = source.labels or _labels_in(source, records)
@@ -218,6 +223,12 @@ def _record_id(record: Record) -> str:
     return f" (record id {value!r})" if value is not None and not record.origin.endswith(f"[{value}]") else ""
 
 
+def _fields_read(source: SourceSpec, name: str) -> list[str]:
+    """The field paths a source key reads: templates name them in braces; messages and options are paths."""
+    value = getattr(source, name)
+    return [value] if name in ("messages", "options") else parse_template(value).fields
+
+
 def _fields_nobody_has(missing: Counter, n_records: int, records: list[Record], source: SourceSpec, key: str) -> list[str]:
     """A template field that not one record of the source has is a typo in the recipe, not bad data."""
     problems = []
@@ -227,9 +238,9 @@ def _fields_nobody_has(missing: Counter, n_records: int, records: list[Record], 
         present = sorted({k for r in records[:1000] for k in r.fields})
         close = difflib.get_close_matches(path.split(".")[0], present, n=1, cutoff=0.6)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        templates = [name for name in _TEMPLATE_KEYS if getattr(source, name) and path in parse_template(getattr(source, name)).fields]
+        templates = [name for name in _TEMPLATE_KEYS if getattr(source, name) and path in _fields_read(source, name)]
         where = ", ".join(f"{key}.{name}" for name in templates) or f"{key} ({source.format} format)"
-        problems.append(f"{where}: template field {path!r} is in none of the {n_records} records of {source.path}; the "
+        problems.append(f"{where}: field {path!r} is in none of the {n_records} records of {source.path}; the "
                         f"records have: {', '.join(present[:20])}.{hint}")
     return problems
 

@@ -7,6 +7,7 @@ offset) for anything it cannot read, so bad data is never a traceback or a silen
 from __future__ import annotations
 
 import csv
+import difflib
 import glob
 import json
 from dataclasses import dataclass
@@ -22,6 +23,15 @@ _BY_SUFFIX = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", 
 _COMPRESSED = {".gz": "gunzip", ".bz2": "bunzip2", ".xz": "unxz", ".zst": "unzstd", ".zip": "unzip", ".7z": "7z x"}
 _MAX_LISTED = 10  # malformed rows listed per file; the rest are counted
 _UTF8 = {"utf-8", "utf8", "utf_8"}
+
+
+class SourceKeyError(RecipeError):
+    """A problem that a key of the source (records, explode, encoding) must fix: the pipeline prefixes the
+    source's dotted key, so the message names e.g. data.train.0.records."""
+
+    def __init__(self, key: str, problem: str):
+        super().__init__([problem])
+        self.key = key
 
 
 @dataclass(frozen=True)
@@ -80,13 +90,23 @@ def read_source(spec: SourceSpec, notes: list[str] | None = None) -> Iterator[Re
     Raises:
         RecipeError: For a file that cannot be read, naming file and line, or a file with no records.
     """
-    count = 0
+    count = seen = unexploded = 0
+    fields: set[str] = set()
     for record in _raw_records(spec, notes if notes is not None else []):
+        seen += 1
+        if spec.explode and lookup(record.fields, tuple(spec.explode.split("."))) is None:
+            unexploded += 1
+            fields.update(record.fields)
         for item in _explode(record, spec.explode):
             if spec.max_records is not None and count >= spec.max_records:
                 return
             count += 1
             yield item
+    if spec.explode and seen and unexploded == seen:
+        close = difflib.get_close_matches(spec.explode.split(".")[0], sorted(fields), n=1, cutoff=0.6)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise SourceKeyError("explode", f"field {spec.explode!r} is in none of the {seen} records of {spec.path}; they "
+                             f"have: {', '.join(sorted(fields)[:20])}.{hint}")
 
 
 def _raw_records(spec: SourceSpec, notes: list[str]) -> Iterator[Record]:
@@ -127,7 +147,8 @@ def _explode(record: Record, field: str | None) -> Iterator[Record]:
     if isinstance(items, dict):
         items = [items]  # XML: an element that occurs once is not a list
     if not isinstance(items, list):
-        raise RecipeError([f"{record.origin}: explode: {field!r} is {type(items).__name__}, not a list"])
+        raise SourceKeyError("explode", f"{record.origin}: field {field!r} is {_kind(items)}, not a list to make one "
+                             "record per item of; point explode at a list field")
     for i, item in enumerate(items):
         yield Record(fields=_replace(record.fields, keys, item), origin=f"{record.origin}.{field}[{i}]",
                      document=record.document)
@@ -144,6 +165,12 @@ def _text_of(path: Path, spec: SourceSpec, notes: list[str]) -> str:
         data = path.read_bytes()
     except OSError as exc:
         raise RecipeError([f"{path}: cannot be read ({exc.strerror})"]) from None
+    if data.startswith(b"version https://git-lfs.github.com/spec/"):
+        raise RecipeError([f"{path}:1: a Git LFS pointer, not the data itself ({len(data)} bytes); fetch the real file "
+                           "with `git lfs pull` (or download it again)"])
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff") and spec.encoding.lower() in _UTF8:
+        raise RecipeError([f"{path}:1: starts with a UTF-16 byte-order mark, but the source's encoding is "
+                           f"{spec.encoding}; set encoding: utf-16 on the source, or re-save the file as UTF-8"])
     if data.startswith(b"\xef\xbb\xbf") and spec.encoding.lower() in _UTF8:
         # Excel and Notepad write one; left in, it would become part of the first column's name.
         notes.append(f"{path}: starts with a UTF-8 byte-order mark; stripped")
@@ -152,10 +179,11 @@ def _text_of(path: Path, spec: SourceSpec, notes: list[str]) -> str:
         return data.decode(spec.encoding)
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise RecipeError([f"{path}: not valid {spec.encoding} at byte offset {exc.start} (line {line}); "
-                           "set the source's encoding: (e.g. latin-1, cp1252) or re-encode the file"]) from None
+        raise RecipeError([f"{path}:{line}: not valid {spec.encoding} at byte offset {exc.start} (byte "
+                           f"{data[exc.start]:#04x}); set the source's encoding: (e.g. latin-1, cp1252) or re-encode the file"]) from None
     except LookupError:
-        raise RecipeError([f"{path}: unknown encoding {spec.encoding!r}"]) from None
+        raise SourceKeyError("encoding", f"unknown encoding {spec.encoding!r} (for {path}); e.g. utf-8, latin-1, "
+                             "cp1252, utf-16") from None
 
 
 def _read_jsonl(path: Path, spec: SourceSpec, notes: list[str]) -> Iterator[Record]:
@@ -165,9 +193,12 @@ def _read_jsonl(path: Path, spec: SourceSpec, notes: list[str]) -> Iterator[Reco
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, parse_constant=_no_constant)
         except json.JSONDecodeError as exc:
             bad.add(lineno, f"not valid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        except ValueError as exc:  # NaN / Infinity: Python's json reads them, JSON does not have them
+            bad.add(lineno, str(exc))
             continue
         if not isinstance(obj, dict):
             bad.add(lineno, f"expected a JSON object per line, got {_kind(obj)}")
@@ -175,6 +206,10 @@ def _read_jsonl(path: Path, spec: SourceSpec, notes: list[str]) -> Iterator[Reco
         if not bad:
             yield Record(fields=obj, origin=f"{path}:{lineno}", document=f"{path}:{lineno}")
     bad.check("a JSON object per line, each on one line")
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON (write null, or a number)")
 
 
 class _BadRows:
@@ -197,6 +232,11 @@ class _BadRows:
         raise RecipeError(shown + more + [f"{self.path}: {len(self.rows)} malformed row(s); expected {expected}"])
 
 
+def _short(value) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _kind(value) -> str:
     return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
         type(value), f"a {type(value).__name__}")
@@ -204,16 +244,18 @@ def _kind(value) -> str:
 
 def _read_json(path: Path, spec: SourceSpec, notes: list[str]) -> Iterator[Record]:
     try:
-        doc = json.loads(_text_of(path, spec, notes))
+        doc = json.loads(_text_of(path, spec, notes), parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         hint = "; one JSON object per line is JSON Lines: name the file .jsonl" if exc.msg == "Extra data" else ""
         raise RecipeError([f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}){hint}"]) from None
+    except ValueError as exc:
+        raise RecipeError([f"{path}: {exc}"]) from None
     top = doc
     if spec.records:
         doc = lookup(doc, tuple(spec.records.split(".")))
         if doc is None:
-            keys = ", ".join(list(top)[:12]) if isinstance(top, dict) else f"the top level is {_kind(top)}"
-            raise RecipeError([f"{path}: records: no {spec.records!r} in this file ({keys})"])
+            keys = "keys: " + ", ".join(list(top)[:12]) if isinstance(top, dict) else f"the top level is {_kind(top)}"
+            raise SourceKeyError("records", f"no {spec.records!r} in {path} ({keys})")
     where = f"the list at records: {spec.records!r}" if spec.records else "a list"
     if isinstance(doc, dict):
         # A mapping id -> record (PubMedQA's layout): each value is a record, its key becomes `id`.
@@ -235,15 +277,20 @@ def _read_json(path: Path, spec: SourceSpec, notes: list[str]) -> Iterator[Recor
         for i, value in enumerate(doc):
             yield Record(fields=value, origin=f"{path}[{i}]", document=f"{path}[{i}]")
     else:
-        raise RecipeError([f"{path}: expected a list of records or a mapping id -> record, got {_kind(doc)}"])
+        raise RecipeError([f"{path}: expected a list of records or a mapping id -> record, got {_kind(doc)} {_short(doc)}"])
 
 
 def _read_delimited(path: Path, spec: SourceSpec, notes: list[str], delimiter: str) -> Iterator[Record]:
     # Python's csv refuses fields over 128 KiB; a long contract or abstract is data, and huge records are
     # bounded later by characters (pipeline), so the limit is raised rather than a traceback shown.
     csv.field_size_limit(2**31 - 1)
+    text = _text_of(path, spec, notes)
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise RecipeError([f"{path}:{line}: a NUL byte: this is a binary file, or UTF-16 text read as "
+                           f"{spec.encoding} (then set encoding: utf-16 on the source)"])
     # csv handles quoting (doubled quotes, delimiters and newlines inside quotes); line.split would not.
-    reader = csv.reader(_text_of(path, spec, notes).splitlines(keepends=True), delimiter=delimiter)
+    reader = csv.reader(text.splitlines(keepends=True), delimiter=delimiter)
     bad = _BadRows(path)
     try:
         header = next(reader, None)
@@ -252,11 +299,14 @@ def _read_delimited(path: Path, spec: SourceSpec, notes: list[str], delimiter: s
         if len(set(header)) != len(header):
             twice = sorted({h for h in header if header.count(h) > 1})
             raise RecipeError([f"{path}:1: the header names column(s) {', '.join(map(repr, twice))} twice; rename one"])
+        start = reader.line_num + 1
         for row in reader:
+            first, start = start, reader.line_num + 1  # a quoted field may span lines: name the row's first
             if not row:
                 continue
             if len(row) != len(header):
-                bad.add(reader.line_num, f"{len(row)} columns, the header has {len(header)}")
+                span = f" (a row from line {first} to {reader.line_num}: an unclosed quote?)" if reader.line_num > first else ""
+                bad.add(first, f"{len(row)} columns, the header has {len(header)}{span}")
             elif not bad:
                 yield Record(fields=dict(zip(header, row)), origin=f"{path}:{reader.line_num}",
                              document=f"{path}:{reader.line_num}")
@@ -294,7 +344,8 @@ def _read_xml(path: Path, spec: SourceSpec, notes: list[str]) -> Iterator[Record
     target = lookup(doc, tuple(spec.records.split("."))) if spec.records else doc[root.tag]
     items = target if isinstance(target, list) else [target] if target is not None else []
     if not items:
-        raise RecipeError([f"{path}: records: no {spec.records!r} element path in this file (root is <{root.tag}>)"])
+        raise SourceKeyError("records", f"no {spec.records!r} element path in {path} (its root is <{root.tag}>; a path "
+                             f"starts with it, e.g. {root.tag}.item)")
     for i, item in enumerate(items):
         yield Record(fields=item if isinstance(item, dict) else {"text": item}, origin=f"{path}[{i}]", document=str(path))
 
