@@ -99,7 +99,7 @@ def test_validate_cli_exit_2_without_traceback(tmp_path):
     path.write_text("data:\n  train: missing.jsonl\n")
     for command in ("validate", "train"):
         result = CliRunner().invoke(app, [command, str(path)])
-        assert result.exit_code == 2 and "data.train.0.path: " in result.output, result.output
+        assert result.exit_code == 2 and "data.train.0.path (line 2): " in result.output, result.output
         assert "missing.jsonl: no such file or folder" in result.output
 
 
