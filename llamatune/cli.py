@@ -7,16 +7,16 @@ Exit codes: 0 success, 2 invalid recipe or arguments, 1 runtime error with a mes
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import typer
-from rich.console import Console
 
 from rich.markup import escape
 
 from llamatune import __version__
-from llamatune.errors import LlamatuneError, RecipeError
-from llamatune.secrets import Redactor
+from llamatune.errors import RecipeError
+from llamatune.terminal import err, out
+from llamatune.terminal import run as _run
 
 app = typer.Typer(
     help="Fine-tune Llama-family models with LoRA/QLoRA from YAML recipes, offline, on CPU or GPU.",
@@ -28,21 +28,6 @@ models_app = typer.Typer(help="Builtin models: list them, or fetch one into the 
 app.add_typer(models_app, name="models")
 data_app = typer.Typer(help="Inspect what the data pipeline makes of a recipe's data, before training.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-
-class _Console(Console):
-    """A console that shows the values a recipe took from environment variables as their ${NAME}
-    (secrets.py); the recipe loader hands it the redactor (`_use_recipe`)."""
-
-    redactor = Redactor()
-
-    def print(self, *objects, **kwargs) -> None:
-        super().print(*(self.redactor.text(o) if isinstance(o, str) else o for o in objects), **kwargs)
-
-
-out = _Console(soft_wrap=True)  # never hard-wrap: paths and keys must stay copy-pasteable
-err = _Console(stderr=True, soft_wrap=True)
-BUG_REPORT = ("This is a bug in llamatune {version}, not a problem with your input: please report it on llamatune's "
-              "issue tracker with the command you ran, your recipe (secrets removed) and the traceback above.")
 
 RecipeArg = typer.Argument(..., help="YAML recipe file (see recipes/).", show_default=False)
 SetOpt = typer.Option(
@@ -62,38 +47,6 @@ def main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
     """Fine-tune Llama-family models with LoRA/QLoRA."""
-
-
-def _run(fn: Callable[[], None]) -> None:
-    """Runs a command body, turning user-fixable errors into a message and an exit code (no traceback).
-
-    An OSError that names a file (permission denied, a folder where a file was expected, a full disk) is the
-    user's to fix, whichever library raised it. Anything else is a bug: its traceback is shown, then how to report it.
-    """
-    try:
-        fn()
-    except LlamatuneError as exc:
-        kind = {2: "invalid recipe or arguments", 75: "stopped"}.get(exc.exit_code, "error")
-        err.print(f"[bold red]{kind}:[/] {escape(str(exc))}", highlight=False, markup=True)
-        raise typer.Exit(exc.exit_code) from None
-    except OSError as exc:
-        if exc.filename is None:
-            raise _bug() from None
-        target = f"{exc.filename}" + (f" → {exc.filename2}" if exc.filename2 else "")
-        err.print(f"[bold red]error:[/] {escape(target)}: {escape(exc.strerror or str(exc))}", highlight=False)
-        raise typer.Exit(1) from None
-    except (typer.Exit, typer.Abort, SystemExit, KeyboardInterrupt):
-        raise
-    except Exception:
-        raise _bug() from None
-
-
-def _bug() -> typer.Exit:
-    import traceback
-
-    err.print(escape(traceback.format_exc()), highlight=False, markup=True)
-    err.print(BUG_REPORT.format(version=__version__), highlight=False)
-    return typer.Exit(1)
 
 
 def _use_recipe(recipe: Path, overrides: Optional[List[str]]):

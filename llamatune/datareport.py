@@ -30,14 +30,7 @@ def load(recipe: Recipe, source: str | None, say=print):
 def report(data: Datasets, console: Console) -> None:
     """Prints the manifest as a human would want to read it."""
     m = data.manifest
-    for s in m["sources"]:
-        drops = ", ".join(f"{reason} {n}" for reason, n in s["dropped"].items()) or "none"
-        console.print(f"[bold]{s['split']}[/] {escape(s['path'])} ({s['format']}): {s['records']} records → "
-                      f"{s['examples']} examples; dropped: {drops}", highlight=False)
-        for reason, examples in s["drop_examples"].items():
-            console.print(f"    {reason}: e.g. {escape('; '.join(examples))}", highlight=False)
-    for note in m.get("notes", []):
-        console.print(f"note: {escape(note)}", highlight=False)
+    preflight.show_data(m, lambda text: console.print(text, highlight=False))
     dup = m.get("duplicates_removed", {})
     ov = m["overlap"]
     console.print(f"duplicates removed: train {dup.get('train', 0)}, held-out {dup.get('eval', 0)}", highlight=False)
@@ -52,8 +45,6 @@ def report(data: Datasets, console: Console) -> None:
             f"{_mark(d['dropped_without_trained_tokens'] == 0)} {d['dropped_without_trained_tokens']} dropped with no trained token",
             f"{_mark(d['without_trained_end_of_turn'] == 0)} {d['without_trained_end_of_turn']} without a trained end-of-turn token",
         ]), highlight=False)
-    for warning in m.get("warnings", []):
-        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     t = m["totals"]
     console.print(f"totals: {t['train_examples']} train / {t['eval_examples']} held-out examples, "
                   f"{t['train_tokens']:,} train tokens of which {t['train_label_tokens']:,} trained "

@@ -107,10 +107,10 @@ def show_data(manifest: dict, say: Callable[[str], None]) -> None:
 
     for s in manifest["sources"]:
         drops = ", ".join(f"{reason} {n}" for reason, n in s["dropped"].items())
-        say(f"data {s['split']} {escape(s['path'])} ({s['format']}): {s['records']} records → {s['examples']} examples"
-            + (f"; [yellow]dropped {sum(s['dropped'].values())}[/]: {drops}" if drops else "; dropped none"))
+        say(f"{s['split']} {escape(s['path'])} ({s['format']}): {s['records']} records → {s['examples']} examples; "
+            + (f"[yellow]dropped {sum(s['dropped'].values())}[/]: {drops}" if drops else "dropped: none"))
         for reason, places in s["drop_examples"].items():
-            say(f"    {reason}: {escape('; '.join(places))}")
+            say(f"    {reason}: e.g. {escape('; '.join(places))}")
     for note in manifest.get("notes", []):
         say(f"note: {escape(note)}")
     for warning in manifest.get("warnings", []):

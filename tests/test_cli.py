@@ -68,3 +68,23 @@ def test_data_preview_shows_examples_and_lengths(tiny_recipe):
     assert result.exit_code == 0, result.output
     assert "example 1 of 24" in result.output and "example 2 of 24" in result.output and "example 3" not in result.output
     assert "tokens per example: min" in result.output and "<|im_start|>assistant" in result.output
+
+
+def test_a_bug_shows_its_traceback_and_how_to_report_it_and_an_os_error_names_its_file(tmp_path, monkeypatch):
+    import llamatune.scaffold as scaffold
+
+    def broken(domain, folder):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(scaffold, "init_project", broken)
+    result = CliRunner().invoke(app, ["init", "--domain", "medical", str(tmp_path / "p")])
+    assert result.exit_code == 1 and "Traceback" in result.output and "ZeroDivisionError: a bug" in result.output
+    assert "This is a bug in llamatune" in result.output.splitlines()[-1]
+
+    def denied(domain, folder):
+        raise PermissionError(13, "Permission denied", str(folder / "recipe.yaml"))
+
+    monkeypatch.setattr(scaffold, "init_project", denied)
+    result = CliRunner().invoke(app, ["init", "--domain", "medical", str(tmp_path / "p")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip() == f"error: {tmp_path / 'p' / 'recipe.yaml'}: Permission denied"
