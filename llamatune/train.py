@@ -27,7 +27,8 @@ from llamatune.loss import summed_loss
 from llamatune.plot import write_loss_curve
 from llamatune.progress import TrainProgress
 from llamatune.serving import vllm_lora_check
-from llamatune.recipe import Recipe, recipe_to_yaml
+from llamatune.recipe import Recipe, recipe_to_yaml, redactor_of
+from llamatune.secrets import scrub
 from llamatune.errors import LlamatuneError, RecipeError
 from llamatune.rundir import MetricsLog, start_run_dir, write_manifest, write_summary
 
@@ -150,6 +151,7 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
         if acc.is_main_process:
             start_run_dir(run_dir, recipe)
             write_manifest(run_dir, data.manifest)
+            scrub(run_dir, redactor_of(recipe))  # the manifest lists every source path
     else:
         state = checkpoint.load(ckpt, acc.unwrap_model(model), optimizer)
         resume_from.check_same_data(state["data_fingerprint"], data_fingerprint, force_resume, say)
@@ -296,6 +298,7 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
         tokenizer.save_pretrained(run_dir / "tokenizer")
         summary["vllm_lora"] = vllm_lora_check(run_dir / "adapter")
         write_summary(run_dir, summary)
+        scrub(run_dir, redactor_of(recipe))  # peft and transformers write the base model's path themselves
     metrics.close()
     if acc.is_main_process:
         write_loss_curve(run_dir)
