@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -27,11 +26,19 @@ QUANTS = ("f16", "q8_0")
 
 
 def export_gguf(source: Path, out: Path, quant: str = "f16", say: Callable[[str], None] = print) -> Path:
-    """Writes `out` (.gguf) from a Llama model folder (e.g. `llamatune merge` output), atomically.
+    """Writes `out` (.gguf) from a Llama model folder (e.g. `llamatune merge` output), atomically, holding the
+    lock on `out` so that a second export into the same file stops at once instead of interleaving.
 
     Raises:
-        LlamatuneError: For a non-Llama model or an existing output file.
+        LlamatuneError: For a non-Llama model, an existing output file, or another process writing it.
     """
+    from llamatune import lock
+
+    with lock.hold(out, "exporting"):
+        return _export_locked(source, out, quant, say)
+
+
+def _export_locked(source: Path, out: Path, quant: str, say: Callable[[str], None]) -> Path:
     import gguf
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -45,9 +52,9 @@ def export_gguf(source: Path, out: Path, quant: str = "f16", say: Callable[[str]
     tokenizer = AutoTokenizer.from_pretrained(source)
     head_dim = config.hidden_size // config.num_attention_heads
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}-", dir=out.parent)
-    os.close(fd)
+    # A fixed name beside the output: ours alone while we hold the lock, so a partial file a killed export left
+    # is simply overwritten.
+    tmp = str(out.parent / f".{out.name}.partial")
     try:
         writer = gguf.GGUFWriter(tmp, "llama")
         writer.add_name(source.name)
@@ -144,7 +151,15 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
 
 
 def export_ollama(source: Path, folder: Path, quant: str = "f16", say: Callable[[str], None] = print) -> Path:
-    """Writes `folder` with model.gguf and a Modelfile (staging folder + rename), and prints the create command."""
+    """Writes `folder` with model.gguf and a Modelfile (staging folder + rename, under the lock on `folder`), and
+    prints the create command."""
+    from llamatune import lock
+
+    with lock.hold(folder, "exporting"):
+        return _export_ollama_locked(source, folder, quant, say)
+
+
+def _export_ollama_locked(source: Path, folder: Path, quant: str, say: Callable[[str], None]) -> Path:
     import shutil
 
     from transformers import AutoTokenizer
@@ -152,10 +167,11 @@ def export_ollama(source: Path, folder: Path, quant: str = "f16", say: Callable[
     if folder.exists():
         raise LlamatuneError(f"{folder} already exists; remove it or choose another --out")
     modelfile = ollama_modelfile(AutoTokenizer.from_pretrained(source), "model.gguf")  # fail before the big write
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    staging = folder.parent / f".{folder.name}.partial"  # ours alone while we hold the lock
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
     try:
-        export_gguf(source, staging / "model.gguf", quant, say)
+        _export_locked(source, staging / "model.gguf", quant, say)
         (staging / "Modelfile").write_text(modelfile)
         staging.rename(folder)
     finally:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -28,10 +27,21 @@ def merge(run_dir: Path, out: Path | None = None, dtype: str = "fp32", verify: b
     """Writes <run>/merged (or `out`): safetensors shards, config, generation config, tokenizer, model card,
     merge_report.json. Written in a staging folder and renamed, so an interrupted merge leaves nothing.
 
+    One writer per output: the lock on `out` is held from the first check to the rename, so a second merge into
+    the same folder stops at once (naming the first one's pid) instead of racing it to the rename.
+
     Raises:
-        LlamatuneError: If the output exists, or the merged model disagrees with base+adapter beyond the
-            dtype's threshold (nothing is written then).
+        LlamatuneError: If the output exists, another process is writing it, or the merged model disagrees with
+            base+adapter beyond the dtype's threshold (nothing is written then).
     """
+    from llamatune import lock
+
+    out = out or run_dir / "merged"
+    with lock.hold(out, "merging"):
+        return _merge_locked(run_dir, out, dtype, verify, say)
+
+
+def _merge_locked(run_dir: Path, out: Path, dtype: str, verify: bool, say: Callable[[str], None]) -> Path:
     import torch
     from peft import PeftModel
     from transformers import AutoTokenizer
@@ -39,7 +49,6 @@ def merge(run_dir: Path, out: Path | None = None, dtype: str = "fp32", verify: b
     from llamatune.evaluation import Target, eval_examples, prompt_ids
     from llamatune.schema import QuantizationSpec
 
-    out = out or run_dir / "merged"
     if out.exists():
         raise LlamatuneError(f"{out} already exists; remove it or pass --out NEW_DIR (llamatune never overwrites)")
     recipe = load_recipe(run_dir / "recipe.yaml")
@@ -63,7 +72,11 @@ def merge(run_dir: Path, out: Path | None = None, dtype: str = "fp32", verify: b
     merged.generation_config.eos_token_id = eos  # stop at the end-of-turn token the adapter was trained to emit
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    # A fixed staging name, safe because the lock keeps every other writer of `out` away; so a staging
+    # folder left by a killed merge is known for what it is and removed here.
+    staging = out.parent / f".{out.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
     try:
         merged.save_pretrained(staging, max_shard_size="2GB")
         fault("merge:after-weights")
