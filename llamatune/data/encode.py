@@ -24,6 +24,9 @@ class Example:
     input_ids: tuple[int, ...]
     labels: tuple[int, ...]
     choices: tuple[str, ...] = ()  # classification / multiple choice: the closed answer set, for evaluation
+    # format text: a window of a raw document. It has no prompt to answer (the first window has no prompt at all),
+    # so evaluation scores it by loss only, never by generating.
+    document: bool = False
 
     @property
     def n_label_tokens(self) -> int:
@@ -101,7 +104,7 @@ def encode_document(tokenizer, text: str, max_length: int, overlap: int) -> list
     while True:
         window = ids[start : start + max_length]
         labels = [IGNORE_INDEX if start + j < trained_until else t for j, t in enumerate(window)]
-        windows.append(Example(input_ids=tuple(window), labels=tuple(labels)))
+        windows.append(Example(input_ids=tuple(window), labels=tuple(labels), document=True))
         trained_until = start + len(window)
         if trained_until >= len(ids):
             return windows

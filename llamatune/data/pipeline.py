@@ -93,12 +93,27 @@ def _build(spec: DataSpec, tokenizer, seed: int, hashes: dict[str, str]) -> Data
     held_out = _encode_all(eval_items, tokenizer, spec, manifest, "eval")
     for name, examples in (("train", train), ("eval", held_out)):
         if not examples:
-            raise RecipeError([f"data.{name}: no examples left after reading and dropping; see the drop counts above "
-                               "(llamatune data check shows them)"])
+            raise RecipeError([_nothing_left(name, manifest, held_out_from_train=spec.eval is None)])
     rows = (lambda ex, s: pack(ex, spec.max_length, s)) if spec.packing else (lambda ex, s: unpacked(ex))
     train_rows, eval_rows = rows(train, seed), rows(held_out, seed)
     manifest["totals"] = _totals(train, held_out, train_rows, spec.max_length)
     return Datasets(train=train_rows, eval=eval_rows, manifest=manifest)
+
+
+def _nothing_left(split: str, manifest: dict, held_out_from_train: bool) -> str:
+    """Why a split is empty: its files, their record counts and drops by reason with one example each."""
+    sources = [s for s in manifest["sources"] if s["split"] == ("train" if held_out_from_train else split)]
+    parts = []
+    for source in sources:
+        files = ", ".join(f["path"] for f in source["files"]) or source["path"]
+        drops = "; ".join(f"{reason} {n} (e.g. {source['drop_examples'][reason]})" for reason, n in source["dropped"].items())
+        parts.append(f"{files}: {source['records']} records, {source['examples']} kept" + (f", dropped {drops}" if drops else ""))
+    length = {reason: n for reason, n in manifest.get("length", {}).get(split, {}).items() if n and reason != "truncated"}
+    if length:
+        parts.append("after tokenizing, dropped " + ", ".join(f"{reason} {n}" for reason, n in length.items())
+                     + " (see data.max_length and data.length_policy)")
+    return (f"data.{split}: no examples left after reading and dropping: " + "; ".join(parts)
+            + ". Fix the templates or the data (llamatune data check shows every count)")
 
 
 def fingerprint(manifest: dict) -> str:
