@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import difflib
 import re
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Literal
 
+from llamatune.artifact_files import fix_for_model, opened
 from llamatune.catalog import BUILTINS, ensure_builtin, ensure_gguf
 from llamatune.errors import LlamatuneError, RecipeError
 from llamatune.schema import LoraSpec, ModelSpec, QuantizationSpec
@@ -62,8 +64,9 @@ def load_tokenizer(ref: str, revision: str | None = None, trust_remote_code: boo
     """Loads the tokenizer and makes sure it can pad (the chat template is the data pipeline's concern)."""
     from transformers import AutoTokenizer
 
+    load = partial(AutoTokenizer.from_pretrained, ref, revision=revision, trust_remote_code=trust_remote_code)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(ref, revision=revision, trust_remote_code=trust_remote_code)
+        tokenizer = opened(load, Path(ref), "tokenizer", fix_for_model(Path(ref))) if Path(ref).is_dir() else load()
     except OSError as exc:
         raise LlamatuneError(f"could not load a tokenizer from {ref!r}: {exc}") from exc
     if tokenizer.pad_token_id is None:
@@ -117,8 +120,10 @@ def load_base(ref: str, spec: ModelSpec, quant: QuantizationSpec, device_map=Non
         kwargs["quantization_config"] = _bnb_config(quant, sharded, precision)
         if not sharded:  # FSDP places the shards itself
             kwargs["device_map"] = device_map or ({"": 0} if torch.cuda.is_available() else {"": "cpu"})
+    load = partial(AutoModelForCausalLM.from_pretrained, ref, **kwargs)
     try:
-        model = AutoModelForCausalLM.from_pretrained(ref, **kwargs)
+        # A local folder's damaged file is named; what is left (an unreachable hub id) gets the message below.
+        model = opened(load, Path(ref), "model", fix_for_model(Path(ref))) if Path(ref).is_dir() else load()
     except OSError as exc:
         raise LlamatuneError(
             f"could not load model {ref!r}: {exc}. For a hub id you need network access (or a filled "

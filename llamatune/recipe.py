@@ -55,7 +55,11 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError([f"recipe file not found: {path} (check the path, or see recipes/ for examples)"])
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else f"not UTF-8 text at byte {exc.start}"
+        raise RecipeError([f"cannot read the recipe: {why}"], source=str(path)) from None
     try:
         raw = yaml.safe_load(text) or {}
         lines = _key_lines(text)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -72,8 +73,8 @@ def encode_turns(tokenizer, turns: Sequence[Turn]) -> Example:
     for i, turn in enumerate(turns):
         if turn.role != "assistant":
             continue
-        prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        prompt = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
+        full = render_chat(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if not (prompt.startswith(done) and full.startswith(prompt)):
             raise LlamatuneError(
                 "the chat template renders a conversation differently from its own prompt with add_generation_prompt=True "
@@ -87,6 +88,39 @@ def encode_turns(tokenizer, turns: Sequence[Turn]) -> Example:
         labels += [IGNORE_INDEX] * len(context) + answer
         done = full
     return Example(input_ids=tuple(ids), labels=tuple(labels))
+
+
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    """The chat template's text for `messages`.
+
+    Raises:
+        LlamatuneError: If the template raises (its own raise_exception, or a Jinja error): named by the file
+            it was read from, since that is where it must be fixed.
+    """
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as exc:
+        roles = ", ".join(m["role"] for m in messages)
+        raise LlamatuneError(f"the chat template from {template_origin(tokenizer)} fails on a conversation (roles: {roles}): "
+                             f"{exc}. Fix the template there (or set data.chat_template: chatml and train again)") from None
+
+
+def template_origin(tokenizer) -> str:
+    """Where the tokenizer's chat template was read from: the file in its folder that holds it, else the recipe."""
+    from pathlib import Path
+
+    folder = Path(tokenizer.name_or_path)
+    jinja, config = folder / "chat_template.jinja", folder / "tokenizer_config.json"
+    try:
+        if jinja.is_file() and jinja.read_text(encoding="utf-8") == tokenizer.chat_template:
+            return str(jinja)
+        if config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("chat_template") == tokenizer.chat_template:
+            return str(config)  # older transformers kept the template in the config
+    except (OSError, ValueError):
+        pass  # an unreadable file is not where the template in memory came from
+    return f"data.chat_template (tokenizer {tokenizer.name_or_path})"
 
 
 def encode_document(tokenizer, text: str, max_length: int, overlap: int) -> list[Example]:
