@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from llamatune.artifact_files import FIX_GGUF, gguf_problem
 from llamatune.errors import LlamatuneError
 from llamatune.fingerprint import sha256_file
 
@@ -118,8 +120,8 @@ def convert_gguf(gguf: Path, target: Path, source: dict, digest: str | None = No
     try:
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    except (ValueError, KeyError, OSError) as exc:
-        raise LlamatuneError(f"could not read {gguf} as a GGUF model: {exc}") from exc
+    except (ValueError, KeyError, OSError, struct.error) as exc:  # what the gguf reader raises on a cut-short or foreign file
+        raise LlamatuneError(f"{gguf_problem(gguf, exc)}; {FIX_GGUF}") from exc
     config = loaded.config.to_dict()
     config.pop("quantization_config", None)
     plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)

@@ -7,6 +7,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
+from llamatune.data.encode import render_chat
 from llamatune.errors import RecipeError
 from llamatune.evaluation import load_target
 
@@ -28,6 +29,8 @@ def chat(path: Path, compare_base: bool, max_new_tokens: int, system: str | None
     tok, model = target.tokenizer, target.model
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     history = [{"role": "system", "content": system}] if system else []
+    # A template that raises fails now, not after the first message is typed.
+    render_chat(tok, history + [{"role": "user", "content": "hello"}], add_generation_prompt=True)
     write("type a message; an empty line or /exit ends the chat")
     while True:
         try:
@@ -37,7 +40,10 @@ def chat(path: Path, compare_base: bool, max_new_tokens: int, system: str | None
         if not line or line == "/exit":
             break
         history.append({"role": "user", "content": line})
-        ids = tok.apply_chat_template(history, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+        # Rendered, then tokenized without special tokens: what apply_chat_template(tokenize=True) does, with
+        # a template that raises reported by the file it came from.
+        text = render_chat(tok, history, add_generation_prompt=True)
+        ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
         answer = ""
         for label, adapter in ([("base", False)] if compare_base else []) + [("tuned" if target.has_adapter else "model", True)]:
             write(f"{label}>")

@@ -14,7 +14,7 @@ import typer
 from rich.markup import escape
 
 from llamatune import __version__
-from llamatune.errors import RecipeError
+from llamatune.errors import LlamatuneError, RecipeError
 from llamatune.terminal import err, out
 from llamatune.terminal import run as _run
 
@@ -239,8 +239,13 @@ def merge_command(
     def body() -> None:
         if dtype not in ("fp32", "bf16", "fp16"):
             raise RecipeError([f"--dtype: {dtype!r}; choose fp32, bf16 or fp16"])
-        if not (run / "recipe.yaml").is_file() or not (run / "adapter").is_dir():
-            raise RecipeError([f"{run}: not a run directory (recipe.yaml + adapter/)"])
+        from llamatune.artifact_files import FIX_RUN, run_dir_problem
+
+        if not run.is_dir() or not ((run / "recipe.yaml").exists() or (run / "adapter").exists()):
+            raise RecipeError([f"{run}: not a run directory (recipe.yaml + adapter/), the folder llamatune train writes"])
+        missing = run_dir_problem(run)  # a run with a part missing or misplaced: name it
+        if missing:
+            raise LlamatuneError(f"{missing}; {FIX_RUN}")
         _quiet_libraries()
         from llamatune.merge import merge
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from llamatune.errors import LlamatuneError
 from llamatune.metrics import bootstrap_ci
 
 # metric -> (per-example key, weighted by answer tokens?, higher is better?)
@@ -87,12 +88,26 @@ def _fmt(triple, signed: bool = False) -> str:
 
 
 def write(out_dir: Path, summary: dict, header: dict, samples: list[dict]) -> None:
-    """Writes eval.json, eval.md and samples.jsonl into out_dir."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "eval.json").write_text(json.dumps({**header, "metrics": summary}, indent=2) + "\n")
-    (out_dir / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
-    lines = [f"# Evaluation of {header['target']}", "", f"{header['examples']} held-out examples; 95% bootstrap intervals.", "",
-             "| metric | n | base | tuned | Δ tuned − base |", "|---|---|---|---|---|"]
+    """Writes eval.json, eval.md and samples.jsonl into out_dir.
+
+    Raises:
+        LlamatuneError: If out_dir cannot be written (checked before scoring; this is for what changed since).
+    """
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "eval.json").write_text(json.dumps({**header, "metrics": summary}, indent=2) + "\n")
+        (out_dir / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+        (out_dir / "eval.md").write_text(markdown(summary, header, samples))
+    except OSError as exc:
+        raise LlamatuneError(f"cannot write the report into {out_dir}: {exc.strerror or exc}; choose another --out") from None
+
+
+def markdown(summary: dict, header: dict, samples: list[dict]) -> str:
+    """eval.md: the table, the report's notes, and the examples where the adapter helped and hurt most."""
+    lines = [f"# Evaluation of {header['target']}", "", f"{header['examples']} held-out examples; 95% bootstrap intervals.", ""]
+    for note in header.get("notes", []):
+        lines += [f"Note: {note}.", ""]
+    lines += ["| metric | n | base | tuned | Δ tuned − base |", "|---|---|---|---|---|"]
     for name, v in summary.items():
         change = _fmt(v.get("delta"), signed=True) if "ratio" not in v else "×" + _fmt(v["ratio"])
         lines.append(f"| {name} | {v['n']} | {_fmt(v.get('base'))} | {_fmt(v['tuned'])} | {change} |")
@@ -108,7 +123,7 @@ def write(out_dir: Path, summary: dict, header: dict, samples: list[dict]) -> No
                 lines.append(f"- {s['base']['loss']:.3f} → {s['tuned']['loss']:.3f}: …{_short(s['prompt'][-200:])} "
                              f"— reference: {_short(s['reference'])}"
                              + (f" — tuned: {_short(s['tuned']['output'])}" if s['tuned'].get('output') is not None else ""))
-    (out_dir / "eval.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def _short(text: str, n: int = 160) -> str:

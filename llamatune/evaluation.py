@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,27 +37,40 @@ def load_target(path: Path, say: Callable[[str], None] = print) -> Target:
 
     Raises:
         RecipeError: If the path is none of these.
+        LlamatuneError: If one of its files is missing or damaged (the message names it).
     """
-    from transformers import AutoTokenizer
-
-    from llamatune.recipe import load_recipe
+    from llamatune.artifact_files import target_kind
     from llamatune.schema import ModelSpec, QuantizationSpec
 
-    if (path / "recipe.yaml").is_file() and (path / "adapter" / "adapter_config.json").is_file():
-        from peft import PeftModel
+    if target_kind(path) == "run":
+        from llamatune.recipe import load_recipe
 
         recipe = load_recipe(path / "recipe.yaml")
-        ref = models.resolve(recipe.model, say)
-        base = models.load_base(ref, recipe.model, recipe.quantization)
-        model = PeftModel.from_pretrained(base, path / "adapter").eval()
-        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-        return Target(model, _padded(tokenizer), True, str(path), recipe)
-    if path.suffix == ".gguf" or (path / "config.json").is_file():
-        spec = ModelSpec(path=str(path))
-        ref = models.resolve(spec, say)
-        model = models.load_base(ref, spec, QuantizationSpec()).eval()
-        return Target(model, models.load_tokenizer(ref), False, str(path))
-    raise RecipeError([f"{path}: not a run directory (recipe.yaml + adapter/), a model folder (config.json) or a .gguf file"])
+        tokenizer = run_tokenizer(path)  # before the weights: the cheap file first
+        base = models.load_base(models.resolve(recipe.model, say), recipe.model, recipe.quantization)
+        return Target(with_adapter(base, path).eval(), _padded(tokenizer), True, str(path), recipe)
+    spec = ModelSpec(path=str(path))
+    ref = models.resolve(spec, say)
+    model = models.load_base(ref, spec, QuantizationSpec()).eval()
+    return Target(model, models.load_tokenizer(ref), False, str(path))
+
+
+def run_tokenizer(run: Path):
+    """The tokenizer a run was trained with (RUN/tokenizer, its chat template included)."""
+    from transformers import AutoTokenizer
+
+    from llamatune.artifact_files import FIX_RUN, opened
+
+    return opened(partial(AutoTokenizer.from_pretrained, str(run / "tokenizer")), run / "tokenizer", "tokenizer", FIX_RUN)
+
+
+def with_adapter(base, run: Path):
+    """`base` wrapped in the run's LoRA adapter (RUN/adapter, PEFT format)."""
+    from peft import PeftModel
+
+    from llamatune.artifact_files import FIX_RUN, opened
+
+    return opened(partial(PeftModel.from_pretrained, base, str(run / "adapter")), run / "adapter", "adapter", FIX_RUN)
 
 
 def _padded(tokenizer):
@@ -77,13 +91,14 @@ def eval_examples(target: Target, data: list[str], limit: int | None) -> tuple[l
 
     if not data and target.recipe is None:
         raise RecipeError(["--data is required for a model folder or .gguf file: give a recipe file (its held-out data)"])
-    specs = []  # (name, data spec, seed): a recipe's own seed reproduces its held-out split
+    specs = []  # (name, what to call it in an error, data spec, seed): a recipe's own seed reproduces its held-out split
     for entry in data or [None]:
         if entry is None:
-            specs.append(("run held-out data", target.recipe.data, target.recipe.train.seed))
+            specs.append(("run held-out data", f"held-out data of {Path(target.name) / 'recipe.yaml'}", target.recipe.data,
+                          target.recipe.train.seed))
         elif entry.endswith((".yaml", ".yml")):
             other = load_recipe(entry)
-            specs.append((entry, other.data, other.train.seed))
+            specs.append((entry, f"--data {entry}", other.data, other.train.seed))
         elif target.recipe is None:
             raise RecipeError([f"--data {entry}: a data file needs a run directory (its recipe says how to read it); "
                                "give a recipe file instead"])
@@ -91,11 +106,14 @@ def eval_examples(target: Target, data: list[str], limit: int | None) -> tuple[l
             source = target.recipe.data.train[0].model_copy(update={"path": str(Path(entry).resolve()), "weight": 1.0})
             spec = target.recipe.data.model_copy(update={"train": (source,), "eval": (source,), "eval_fraction": None,
                                                          "max_overlap": 1.0, "dedup": False})
-            specs.append((entry, spec, target.recipe.train.seed))
+            specs.append((entry, f"--data {entry} (read like the run's first source)", spec, target.recipe.train.seed))
     examples, manifests = [], {}
-    for name, spec, seed in specs:
-        # Unpacked, so every example is scored on its own.
-        built = build_datasets(spec.model_copy(update={"packing": False}), target.tokenizer, seed)
+    for name, label, spec, seed in specs:
+        try:
+            # Unpacked, so every example is scored on its own.
+            built = build_datasets(spec.model_copy(update={"packing": False}), target.tokenizer, seed)
+        except RecipeError as exc:  # say which of the evaluated data sets it is
+            raise RecipeError([f"{label}: {p}" for p in exc.problems], source=exc.source) from None
         examples += [row[0] for row in built.eval]
         manifests[name] = built.manifest
     return examples[:limit] if limit else examples, manifests
@@ -210,7 +228,9 @@ def _generate(model, tok, examples: list[Example], max_new_tokens: int) -> list[
     """Greedy answers for the examples without a closed answer set, batched with left padding."""
     import torch
 
-    wanted = [i for i, e in enumerate(examples) if not e.choices]
+    # A window of plain text has no question: continuing it from its first tokens would score the model on
+    # guessing the document, not on answering, so such windows are scored by their loss alone.
+    wanted = [i for i, e in enumerate(examples) if not e.choices and not e.document]
     texts: list[str | None] = [None] * len(examples)
     if not wanted:
         return texts
@@ -234,7 +254,10 @@ def run_eval(path: Path, data: list[str], compare_base: bool, generate: bool, li
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from llamatune import evalreport
+    from llamatune.artifact_files import check_output, target_kind
 
+    out_dir = out_dir or (path / "eval" if target_kind(path) == "run" else Path("eval") / path.stem)
+    check_output(out_dir, "--out", existing_folder_ok=True)  # now, not after the scoring
     target = load_target(path, say=console.print)
     if compare_base and not target.has_adapter:
         raise RecipeError([f"--compare base needs a run directory (an adapter to switch off); {path} is a plain model"])
@@ -254,22 +277,40 @@ def run_eval(path: Path, data: list[str], compare_base: bool, generate: bool, li
             scores[name] = score(target, examples, adapter, generate, max_new_tokens, batch_size,
                                  progress=_ticker(bar, task, name, len(examples), console))
     summary = evalreport.summarize(scores["tuned"], scores.get("base"))
+    notes = _notes(examples, generate)
     evalreport.show(summary, console)
+    for note in notes:
+        console.print(note, highlight=False)
+    samples = _samples(target.tokenizer, examples, scores)
+    fingerprints = {name: _fingerprint(m) for name, m in manifests.items()}
+    header = {"target": str(path), "examples": len(examples), "compare_base": compare_base, "generate": generate,
+              "max_new_tokens": max_new_tokens, "data_fingerprints": fingerprints, "overlap_with_training": leaked,
+              "notes": notes}
+    evalreport.write(out_dir, summary, header, samples)
+    console.print(f"reports: {out_dir}/eval.json, eval.md, samples.jsonl")
+    return summary
+
+
+def _samples(tokenizer, examples: list[Example], scores: dict[str, list[dict]]) -> list[dict]:
+    """One line of samples.jsonl per example: prompt, reference, and each pass's loss, output and scores."""
     samples = []
     for i, example in enumerate(examples):
-        sample = {"prompt": target.tokenizer.decode(prompt_ids(example)), "reference": reference_text(target.tokenizer, example)}
+        sample = {"prompt": tokenizer.decode(prompt_ids(example)), "reference": reference_text(tokenizer, example)}
         for name in scores:
             s = scores[name][i]
             sample[name] = {"loss": s["loss_sum"] / max(s["tokens"], 1), "output": s.get("prediction", s.get("predicted")),
                             **{k: s[k] for k in ("accuracy", "exact_match", "f1", "rouge_l") if k in s}}
         samples.append(sample)
-    fingerprints = {name: _fingerprint(m) for name, m in manifests.items()}
-    header = {"target": str(path), "examples": len(examples), "compare_base": compare_base, "generate": generate,
-              "max_new_tokens": max_new_tokens, "data_fingerprints": fingerprints, "overlap_with_training": leaked}
-    out_dir = out_dir or (path / "eval" if target.has_adapter else Path("eval") / path.stem)
-    evalreport.write(out_dir, summary, header, samples)
-    console.print(f"reports: {out_dir}/eval.json, eval.md, samples.jsonl")
-    return summary
+    return samples
+
+
+def _notes(examples: list[Example], generate: bool) -> list[str]:
+    """What the report must say about the examples it could not score every way."""
+    windows = sum(e.document for e in examples)
+    if not (generate and windows):
+        return []
+    return [f"generation: {windows} of {len(examples)} examples are windows of plain text (format text) with no question "
+            "to answer; they are scored by answer loss and perplexity only, not by exact match, F1 or ROUGE-L"]
 
 
 def _ticker(bar, task, name: str, total: int, console) -> Callable[[int], None]:

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
+from llamatune.artifact_files import check_output, fix_for_model, opened
 from llamatune.errors import LlamatuneError
 
 _LAYER = {
@@ -27,41 +28,33 @@ QUANTS = ("f16", "q8_0")
 
 
 def export_gguf(source: Path, out: Path, quant: str = "f16", say: Callable[[str], None] = print) -> Path:
-    """Writes `out` (.gguf) from a Llama model folder (e.g. `llamatune merge` output), atomically.
+    """Writes `out` (.gguf) from a Llama model folder (e.g. `llamatune merge` output), atomically, holding the
+    lock on `out` so that a second export into the same file stops at once instead of interleaving.
 
     Raises:
-        LlamatuneError: For a non-Llama model or an existing output file.
+        LlamatuneError: For a non-Llama model, a damaged file in `source`, an output that exists or cannot be
+            written, or another process writing it.
     """
+    from llamatune import lock
+
+    check_output(out, "--out")  # before the lock, which creates out's parent folders
+    with lock.hold(out, "exporting"):
+        check_output(out, "--out")  # again: an export that finished while we waited wrote it
+        _write_gguf(source, out, quant)
+    say(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {quant})")
+    return out
+
+
+def _write_gguf(source: Path, out: Path, quant: str) -> None:
+    """Writes the GGUF file through `.NAME.partial` beside it, renamed when complete. The caller holds the lock
+    on `out`, so the fixed name is ours alone, and a partial file a killed export left is simply overwritten."""
     import gguf
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if out.exists():
-        raise LlamatuneError(f"{out} already exists; remove it or choose another --out")
-    config = AutoConfig.from_pretrained(source)
-    if config.model_type != "llama":
-        raise LlamatuneError(f"{source}: model type {config.model_type!r}; GGUF export supports Llama-architecture models")
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    head_dim = config.hidden_size // config.num_attention_heads
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}-", dir=out.parent)
-    os.close(fd)
+    config, model, tokenizer = _open_model(source)
+    tmp = out.parent / f".{out.name}.partial"
     try:
-        writer = gguf.GGUFWriter(tmp, "llama")
-        writer.add_name(source.name)
-        writer.add_context_length(config.max_position_embeddings)
-        writer.add_embedding_length(config.hidden_size)
-        writer.add_block_count(config.num_hidden_layers)
-        writer.add_feed_forward_length(config.intermediate_size)
-        writer.add_head_count(config.num_attention_heads)
-        writer.add_head_count_kv(config.num_key_value_heads)
-        writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]))
-        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-        writer.add_rope_dimension_count(head_dim)
-        writer.add_vocab_size(config.vocab_size)
-        writer.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant])
+        writer = gguf.GGUFWriter(str(tmp), "llama")
+        _add_hyperparameters(writer, source, config, quant)
         _add_tokenizer(writer, tokenizer, config.vocab_size)
         for name, tensor in _tensors(model, config):
             _add_tensor(writer, name, tensor, quant)
@@ -71,10 +64,39 @@ def export_gguf(source: Path, out: Path, quant: str = "f16", say: Callable[[str]
         writer.close()
         os.replace(tmp, out)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    say(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {quant})")
-    return out
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _open_model(source: Path):
+    """(config, float32 model, tokenizer) of a Llama model folder; a damaged file is named, with how to remake it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    fix = fix_for_model(source)
+    config = opened(partial(AutoConfig.from_pretrained, source), source, "model", fix)
+    if config.model_type != "llama":
+        raise LlamatuneError(f"{source}: model type {config.model_type!r}; GGUF export supports Llama-architecture models")
+    model = opened(partial(AutoModelForCausalLM.from_pretrained, source, dtype=torch.float32), source, "model", fix)
+    tokenizer = opened(partial(AutoTokenizer.from_pretrained, source), source, "tokenizer", fix)
+    return config, model, tokenizer
+
+
+def _add_hyperparameters(writer, source: Path, config, quant: str) -> None:
+    import gguf
+
+    writer.add_name(source.name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant])
 
 
 def _tensors(model, config):
@@ -144,22 +166,29 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
 
 
 def export_ollama(source: Path, folder: Path, quant: str = "f16", say: Callable[[str], None] = print) -> Path:
-    """Writes `folder` with model.gguf and a Modelfile (staging folder + rename), and prints the create command."""
+    """Writes `folder` with model.gguf and a Modelfile (staging folder + rename, under the lock on `folder`), and
+    prints the create command."""
     import shutil
 
     from transformers import AutoTokenizer
 
-    if folder.exists():
-        raise LlamatuneError(f"{folder} already exists; remove it or choose another --out")
-    modelfile = ollama_modelfile(AutoTokenizer.from_pretrained(source), "model.gguf")  # fail before the big write
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        export_gguf(source, staging / "model.gguf", quant, say)
-        (staging / "Modelfile").write_text(modelfile)
-        staging.rename(folder)
-    finally:
+    from llamatune import lock
+
+    check_output(folder, "--out")
+    with lock.hold(folder, "exporting"):
+        check_output(folder, "--out")
+        tokenizer = opened(partial(AutoTokenizer.from_pretrained, source), source, "tokenizer", fix_for_model(source))
+        modelfile = ollama_modelfile(tokenizer, "model.gguf")  # fail before the big write
+        staging = folder.parent / f".{folder.name}.partial"  # ours alone while we hold the lock
         shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        try:
+            _write_gguf(source, staging / "model.gguf", quant)
+            (staging / "Modelfile").write_text(modelfile)
+            staging.rename(folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    say(f"wrote {folder} (model.gguf {(folder / 'model.gguf').stat().st_size / 2**20:.1f} MiB, {quant}; Modelfile)")
     say(f"ollama create {source.name.lower()} -f {folder / 'Modelfile'}")
     return folder
 
@@ -213,7 +242,9 @@ def _msg(role: str, content: str) -> dict:
 
 
 def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    from llamatune.data.encode import render_chat
+
+    return render_chat(tokenizer, messages, generation_prompt)
 
 
 def _wrapper(tokenizer, role: str) -> tuple[str, str]:

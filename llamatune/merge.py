@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -28,27 +27,63 @@ def merge(run_dir: Path, out: Path | None = None, dtype: str = "fp32", verify: b
     """Writes <run>/merged (or `out`): safetensors shards, config, generation config, tokenizer, model card,
     merge_report.json. Written in a staging folder and renamed, so an interrupted merge leaves nothing.
 
-    Raises:
-        LlamatuneError: If the output exists, or the merged model disagrees with base+adapter beyond the
-            dtype's threshold (nothing is written then).
-    """
-    import torch
-    from peft import PeftModel
-    from transformers import AutoTokenizer
+    One writer per output: the lock on `out` is held from the first check to the rename, so a second merge into
+    the same folder stops at once (naming the first one's pid) instead of racing it to the rename.
 
-    from llamatune.evaluation import Target, eval_examples, prompt_ids
-    from llamatune.schema import QuantizationSpec
+    Raises:
+        LlamatuneError: If the output exists or cannot be written, another process is writing it, a file of
+            the run is damaged, or the merged model disagrees with base+adapter beyond the dtype's threshold
+            (nothing is written then).
+    """
+    from llamatune import lock
+    from llamatune.artifact_files import check_output
 
     out = out or run_dir / "merged"
-    if out.exists():
-        raise LlamatuneError(f"{out} already exists; remove it or pass --out NEW_DIR (llamatune never overwrites)")
-    recipe = load_recipe(run_dir / "recipe.yaml")
+    check_output(out, "--out")  # before the lock, which creates out's parent folders
+    with lock.hold(out, "merging"):
+        check_output(out, "--out")  # again: a merge that finished while we waited for the lock wrote it
+        recipe = load_recipe(run_dir / "recipe.yaml")
+        merged, tokenizer, report = _merged_model(run_dir, recipe, dtype, verify, say)
+        # A fixed staging name, safe because the lock keeps every other writer of `out` away; so a staging
+        # folder left by a killed merge is known for what it is and removed here.
+        staging = out.parent / f".{out.name}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        try:
+            merged.save_pretrained(staging, max_shard_size="2GB")
+            fault("merge:after-weights")
+            tokenizer.save_pretrained(staging)
+            (staging / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+            (staging / "README.md").write_text(_model_card(run_dir, recipe, report["base"], report))
+            staging.rename(out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    from llamatune.serving import vllm_lora_check
+
+    say("adapter for vLLM: " + "; ".join(vllm_lora_check(run_dir / "adapter")["notes"]))
+    say(f"merged model: {out} (max |Δlogit| {report['merged_vs_unmerged']['max_abs_logit']:.2e}, "
+        f"greedy agreement {report['merged_vs_unmerged']['greedy_agreement']:.1%})")
+    return out
+
+
+def _merged_model(run_dir: Path, recipe, dtype: str, verify: bool, say: Callable[[str], None]):
+    """Loads base (full precision) + adapter, merges, checks parity on held-out prompts.
+
+    Returns:
+        (merged model in `dtype`, the run's tokenizer, the report)
+    """
+    import torch
+
+    from llamatune.evaluation import Target, eval_examples, prompt_ids, run_tokenizer, with_adapter
+    from llamatune.schema import QuantizationSpec
+
     ref = models.resolve(recipe.model, say)
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    tokenizer = run_tokenizer(run_dir)
     base = models.load_base(ref, recipe.model.model_copy(update={"dtype": "float32"}), QuantizationSpec())
-    unmerged = PeftModel.from_pretrained(base, run_dir / "adapter").eval()
+    unmerged = with_adapter(base, run_dir).eval()
     examples, _ = eval_examples(Target(unmerged, tokenizer, True, str(run_dir), recipe), [], 8)
-    prompts = [torch.tensor([prompt_ids(e)]) for e in examples]
+    # A window of plain text may have no prompt at all: the whole window is the input then.
+    prompts = [torch.tensor([list(e.input_ids) if e.document else prompt_ids(e)]) for e in examples]
     with torch.no_grad():
         reference = [unmerged(input_ids=p).logits.float() for p in prompts]
     merged = unmerged.merge_and_unload().to(getattr(torch, _DTYPES[dtype])).eval()
@@ -62,23 +97,7 @@ def merge(run_dir: Path, out: Path | None = None, dtype: str = "fp32", verify: b
     eos = [tokenizer.eos_token_id] + [i for i in _as_list(merged.generation_config.eos_token_id) if i != tokenizer.eos_token_id]
     merged.generation_config.eos_token_id = eos  # stop at the end-of-turn token the adapter was trained to emit
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        merged.save_pretrained(staging, max_shard_size="2GB")
-        fault("merge:after-weights")
-        tokenizer.save_pretrained(staging)
-        (staging / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        (staging / "README.md").write_text(_model_card(run_dir, recipe, ref, report))
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    from llamatune.serving import vllm_lora_check
-
-    say("adapter for vLLM: " + "; ".join(vllm_lora_check(run_dir / "adapter")["notes"]))
-    say(f"merged model: {out} (max |Δlogit| {report['merged_vs_unmerged']['max_abs_logit']:.2e}, "
-        f"greedy agreement {report['merged_vs_unmerged']['greedy_agreement']:.1%})")
-    return out
+    return merged, tokenizer, report
 
 
 def compare_logits(model, prompts, reference) -> dict:
@@ -113,9 +132,9 @@ def _check(found: dict, dtype: str, verify: bool) -> None:
 def _quantized_gap(run_dir: Path, recipe, ref: str, merged, prompts) -> dict:
     """How far the merged full-precision model is from the 4-bit model the adapter was trained with."""
     import torch
-    from peft import PeftModel
+    from llamatune.evaluation import with_adapter
 
-    trained = PeftModel.from_pretrained(models.load_base(ref, recipe.model, recipe.quantization), run_dir / "adapter").eval()
+    trained = with_adapter(models.load_base(ref, recipe.model, recipe.quantization), run_dir).eval()
     with torch.no_grad():
         reference = [trained(input_ids=p).logits.float().cpu() for p in prompts]
     return compare_logits(merged, prompts, reference)

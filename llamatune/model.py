@@ -7,10 +7,13 @@ Heavy imports (torch, transformers, peft, bitsandbytes) happen inside functions 
 from __future__ import annotations
 
 import difflib
+import json
 import re
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Literal
 
+from llamatune.artifact_files import fix_for_model, opened
 from llamatune.catalog import BUILTINS, ensure_builtin, ensure_gguf
 from llamatune.errors import LlamatuneError, RecipeError
 from llamatune.schema import LoraSpec, ModelSpec, QuantizationSpec
@@ -33,6 +36,11 @@ def classify(path: str) -> SourceKind:
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise RecipeError([f"model.path: folder {local} has no config.json; point it at a Hugging Face model folder"])
+        try:
+            json.loads((local / "config.json").read_text(encoding="utf-8"))
+        except (ValueError, OSError) as exc:  # cheap to find here, before a tokenizer or weight is read
+            raise RecipeError([f"model.path: {local / 'config.json'} is not valid JSON ({exc}); the folder is damaged "
+                               "or incompletely copied: copy it again"]) from None
         return "folder"
     if local.exists() and not local.is_file() and not local.is_dir():
         raise RecipeError([f"model.path: {local} is neither a file nor a folder"])
@@ -67,8 +75,10 @@ def load_tokenizer(ref: str, revision: str | None = None, trust_remote_code: boo
     """Loads the tokenizer and makes sure it can pad (the chat template is the data pipeline's concern)."""
     from transformers import AutoTokenizer
 
+    load = partial(AutoTokenizer.from_pretrained, ref, revision=revision, trust_remote_code=trust_remote_code)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(ref, revision=revision, trust_remote_code=trust_remote_code)
+        # opened() names a damaged file when it finds one; otherwise the library's own error comes back here.
+        tokenizer = opened(load, Path(ref), "tokenizer", fix_for_model(Path(ref))) if Path(ref).is_dir() else load()
     except (OSError, ValueError, KeyError) as exc:  # ValueError: no tokenizer files, or unreadable ones
         where = f"the folder {ref}" if Path(ref).is_dir() else repr(ref)
         raise LlamatuneError(f"could not load a tokenizer from {where}: {exc}. The folder needs the tokenizer's files "
@@ -124,8 +134,10 @@ def load_base(ref: str, spec: ModelSpec, quant: QuantizationSpec, device_map=Non
         kwargs["quantization_config"] = _bnb_config(quant, sharded, precision)
         if not sharded:  # FSDP places the shards itself
             kwargs["device_map"] = device_map or ({"": 0} if torch.cuda.is_available() else {"": "cpu"})
+    load = partial(AutoModelForCausalLM.from_pretrained, ref, **kwargs)
     try:
-        model = AutoModelForCausalLM.from_pretrained(ref, **kwargs)
+        # A local folder's damaged file is named; what is left (an unreachable hub id) gets the message below.
+        model = opened(load, Path(ref), "model", fix_for_model(Path(ref))) if Path(ref).is_dir() else load()
     except OSError as exc:
         raise LlamatuneError(
             f"could not load model {ref!r}: {exc}. For a hub id you need network access (or a filled "

@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import write_jsonl
+from conftest import CORPUS, write_jsonl
 from llamatune.cli import app
 from llamatune.data.encode import encode
 from llamatune.evaluation import load_target, score
@@ -84,9 +84,10 @@ def fixed_answer_run(tmp_path_factory, tiny_model_dir):
     write_jsonl(folder / "eval.jsonl", [{"text": f"Another clause {i} to classify.", "label": "Yes"} for i in range(12)])
     source = "format: classification\n    prompt: '{text}'\n    answer: '{label}'\n    labels: ['Yes', 'No']"
     recipe = folder / "r.yaml"
+    # fp32: the loss margin asserted below must not depend on whether this CPU computes bf16 natively (auto).
     recipe.write_text(f"model:\n  path: {tiny_model_dir}\nlora:\n  r: 8\n  dropout: 0.0\ndata:\n  train:\n    path: train.jsonl\n"
                       f"    {source}\n  eval:\n    path: eval.jsonl\n    {source}\n  max_overlap: 1.0\n"
-                      "train:\n  lr: 2.0e-2\n  max_steps: 30\n  micro_batch_size: 8\n  warmup_ratio: 0.0\n")
+                      "train:\n  precision: fp32\n  lr: 2.0e-2\n  max_steps: 30\n  micro_batch_size: 8\n  warmup_ratio: 0.0\n")
     train(load_recipe(recipe), "fixed", run_dir=folder / "run")
     return folder / "run"
 
@@ -165,3 +166,89 @@ def test_default_eval_data_is_the_runs_own_held_out_split(tiny_recipe, tmp_path)
 
     held = build_datasets(recipe.data.model_copy(update={"packing": False}), load_target(tmp_path / "run").tokenizer, 11).eval
     assert [e.input_ids for e in examples] == [row[0].input_ids for row in held]
+
+
+# One small data set per format: (rows, the source's YAML keys). Held-out text documents are one window each, so
+# their only window has no prompt at all (the case that crashed generation).
+_FORMATS = {
+    "instruction": (lambda i: {"q": f"What is item {i}?", "a": f"Item {i} is {CORPUS[i % 5][:30]}"},
+                    "prompt: '{q}'\n    response: '{a}'"),
+    "chat": (lambda i: {"messages": [{"role": "user", "content": f"Tell me fact {i}."},
+                                     {"role": "assistant", "content": CORPUS[i % 5][:40]}]}, "format: chat"),
+    "multiple_choice": (lambda i: {"question": f"Which colour is {i}?", "options": ["red", "blue", "green"], "answer": "B"},
+                        "format: multiple_choice\n    prompt: '{question}'"),
+    "classification": (lambda i: {"text": f"Clause {i} of the contract.", "label": ["Yes", "No"][i % 2]},
+                       "format: classification\n    prompt: '{text}'\n    answer: '{label}'\n    labels: ['Yes', 'No']"),
+    "text": (lambda i: {"text": CORPUS[i % 5] if i >= 8 else " ".join(CORPUS * 2)}, "format: text"),
+}
+TEXT_NOTE = ("generation: 4 of 4 examples are windows of plain text (format text) with no question to answer; they are "
+             "scored by answer loss and perplexity only, not by exact match, F1 or ROUGE-L")
+
+
+@pytest.fixture(scope="module", params=list(_FORMATS))
+def format_run(request, tmp_path_factory, tiny_model_dir):
+    """(format, run directory, recipe) of a one-step run on 8 training and 4 held-out records of one format."""
+    fmt = request.param
+    row, source = _FORMATS[fmt]
+    folder = tmp_path_factory.mktemp(fmt)
+    write_jsonl(folder / "train.jsonl", [row(i) for i in range(8)])
+    write_jsonl(folder / "eval.jsonl", [row(i) for i in range(8, 12)])
+    recipe = folder / "r.yaml"
+    recipe.write_text(f"model:\n  path: {tiny_model_dir}\nlora:\n  r: 4\ndata:\n  train:\n    path: train.jsonl\n    {source}\n"
+                      f"  eval:\n    path: eval.jsonl\n    {source}\n  max_length: 96\n  max_overlap: 1.0\n"
+                      "train:\n  precision: fp32\n  max_steps: 1\n  micro_batch_size: 4\n")
+    train(load_recipe(recipe), fmt, run_dir=folder / "run")
+    return fmt, folder / "run", recipe
+
+
+def _eval(target, out, *args):
+    result = CliRunner().invoke(app, ["eval", str(target), "--max-new-tokens", "3", "--out", str(out), *args])
+    assert result.exit_code == 0, result.output
+    return json.loads((out / "eval.json").read_text()), result.output
+
+
+def test_eval_scores_every_format_with_and_without_generation(format_run, tiny_model_dir, tmp_path):
+    fmt, run, recipe = format_run
+    choices = fmt in ("multiple_choice", "classification")
+    report, output = _eval(run, tmp_path / "g", "--compare", "base")
+    metrics = report["metrics"]
+    assert report["examples"] == 4 and {"loss", "perplexity"} <= set(metrics) and "ratio" in metrics["perplexity"]
+    assert ("accuracy" in metrics) == choices and ("f1" in metrics) == (fmt in ("instruction", "chat"))
+    if fmt == "text":  # no question to answer: said in the terminal, eval.json and eval.md
+        assert report["notes"] == [TEXT_NOTE] and TEXT_NOTE in output
+        assert f"Note: {TEXT_NOTE}." in (tmp_path / "g" / "eval.md").read_text()
+        samples = [json.loads(line) for line in (tmp_path / "g" / "samples.jsonl").read_text().splitlines()]
+        assert all(s["tuned"]["output"] is None and s["prompt"] == "" for s in samples)
+    else:
+        assert report["notes"] == []
+    quiet, _ = _eval(run, tmp_path / "n", "--no-generate", "--limit", "2")
+    assert quiet["examples"] == 2 and "f1" not in quiet["metrics"] and quiet["notes"] == []
+    # Same data, tokenizer and template as the run's: read from the data cache, which must keep what a window is.
+    folder, _ = _eval(tiny_model_dir, tmp_path / "f", "--data", str(recipe), "--limit", "3")
+    assert folder["examples"] == 3 and "loss" in folder["metrics"]
+    assert folder["notes"] == ([TEXT_NOTE.replace("4 of 4", "3 of 3")] if fmt == "text" else [])
+
+
+def test_a_text_run_merges_and_its_merged_folder_evaluates(tmp_path, tiny_model_dir):
+    """Merge's parity check fed the empty prompt of a text window to the model (a crash); it checks whole windows."""
+    row, source = _FORMATS["text"]
+    write_jsonl(tmp_path / "train.jsonl", [row(i) for i in range(8)])
+    write_jsonl(tmp_path / "eval.jsonl", [row(i) for i in range(8, 12)])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model:\n  path: {tiny_model_dir}\ndata:\n  train:\n    path: train.jsonl\n    {source}\n"
+                      f"  eval:\n    path: eval.jsonl\n    {source}\n  max_length: 96\n  max_overlap: 1.0\n"
+                      "train:\n  precision: fp32\n  max_steps: 1\n")
+    train(load_recipe(recipe), "t", run_dir=tmp_path / "run")
+    merged = CliRunner().invoke(app, ["merge", str(tmp_path / "run"), "--out", str(tmp_path / "m")])
+    assert merged.exit_code == 0, merged.output
+    assert json.loads((tmp_path / "m" / "merge_report.json").read_text())["prompts"] == 4
+    report, _ = _eval(tmp_path / "m", tmp_path / "e", "--data", str(recipe))
+    assert report["notes"] == [TEXT_NOTE] and "loss" in report["metrics"]
+
+
+def test_an_eval_set_with_nothing_left_names_the_data(fixed_answer_run, tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"other": "field"}] * 3)
+    result = CliRunner().invoke(app, ["eval", str(fixed_answer_run), "--data", str(bad)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"--data {bad}" in result.output and "field 'label' is in none of the 3 records" in result.output
+    assert "the records have: other" in result.output

@@ -1,5 +1,7 @@
 """GGUF export round trip: the file loads back through transformers' GGUF loader with matching logits."""
 
+import os
+
 import torch
 from typer.testing import CliRunner
 
@@ -64,3 +66,14 @@ def test_a_template_that_is_not_a_role_wrapper_is_refused(tiny_model_dir, tmp_pa
 
     with pytest.raises(LlamatuneError, match="not a plain per-role wrapper"):
         ollama_modelfile(tok, "model.gguf")
+
+
+def test_a_second_export_into_the_same_target_stops_at_once(tiny_model_dir, tmp_path):
+    from llamatune import lock
+
+    for argv, target in ((["--out", str(tmp_path / "m.gguf")], tmp_path / "m.gguf"),
+                         (["--format", "ollama", "--out", str(tmp_path / "o")], tmp_path / "o")):
+        with lock.hold(target, "exporting"):  # the first writer, in this process
+            second = CliRunner().invoke(app, ["export", str(tiny_model_dir), *argv])
+        assert second.exit_code == 1 and f"pid {os.getpid()}" in second.output and "Traceback" not in second.output
+        assert not target.exists()

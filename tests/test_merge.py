@@ -68,6 +68,21 @@ def test_a_merge_killed_mid_write_leaves_nothing_and_reruns(run, tmp_path):
     env.pop("LLAMATUNE_FAULT")
     assert subprocess.run(cmd, env=env, capture_output=True, text=True).returncode == 0
     assert (tmp_path / "m" / "config.json").is_file()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # the killed merge's staging folder is gone
+
+
+def test_a_second_merge_into_the_same_folder_stops_and_leaves_the_first_ones_staging(run, tmp_path):
+    from llamatune import lock
+
+    run_dir, _ = run
+    out = tmp_path / "m"
+    with lock.hold(out, "merging"):  # the first writer (this process; a flock conflicts across open files)
+        staging = tmp_path / ".m.partial"
+        staging.mkdir()
+        (staging / "model.safetensors").write_text("being written")
+        second = CliRunner().invoke(app, ["merge", str(run_dir), "--out", str(out)])
+        assert second.exit_code == 1 and f"pid {os.getpid()}" in second.output and "Traceback" not in second.output
+        assert (staging / "model.safetensors").read_text() == "being written" and not out.exists()
 
 
 def test_qlora_run_merges_into_full_precision_and_reports_the_gap(run, tmp_path):

@@ -84,8 +84,10 @@ def _tokenizer_fingerprint(tokenizer) -> str:
 
 
 def _plain(rows: list) -> list:
-    return [[[list(e.input_ids), list(e.labels), list(e.choices)] for e in row] for row in rows]
+    return [[[list(e.input_ids), list(e.labels), list(e.choices), e.document] for e in row] for row in rows]
 
 
 def _rows(data: list) -> list:
-    return [tuple(Example(tuple(i), tuple(l), tuple(c)) for i, l, c in row) for row in data]
+    # An entry written before examples said whether they are document windows has three fields per example:
+    # unpacking fails with ValueError, so load() treats it as a miss and rebuilds it.
+    return [tuple(Example(tuple(i), tuple(l), tuple(c), bool(d)) for i, l, c, d in row) for row in data]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -24,6 +25,9 @@ class Example:
     input_ids: tuple[int, ...]
     labels: tuple[int, ...]
     choices: tuple[str, ...] = ()  # classification / multiple choice: the closed answer set, for evaluation
+    # format text: a window of a raw document. It has no prompt to answer (the first window has no prompt at all),
+    # so evaluation scores it by loss only, never by generating.
+    document: bool = False
 
     @property
     def n_label_tokens(self) -> int:
@@ -44,19 +48,7 @@ def set_chat_template(tokenizer, choice: str) -> None:
         )
     # Rendered once now, so a template that raises or does not parse fails here, naming the key, not mid-data.
     render_chat(tokenizer, [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
-                            {"role": "assistant", "content": "a"}], tokenize=False)
-
-
-def render_chat(tokenizer, messages: list[dict], **kwargs):
-    """tokenizer.apply_chat_template, with a failing template (user code: Jinja) reported as a recipe error."""
-    import jinja2
-
-    try:
-        return tokenizer.apply_chat_template(messages, **kwargs)
-    except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
-        raise RecipeError([f"data.chat_template: the chat template failed to render a conversation of "
-                           f"{', '.join(m['role'] for m in messages) or 'no messages'}: {type(exc).__name__}: {exc}. Fix "
-                           "the template, or use data.chat_template: chatml"]) from None
+                            {"role": "assistant", "content": "a"}], add_generation_prompt=False)
 
 
 def encode(tokenizer, prompt: str, response: str, system_prompt: str | None = None) -> Example:
@@ -84,8 +76,8 @@ def encode_turns(tokenizer, turns: Sequence[Turn]) -> Example:
     for i, turn in enumerate(turns):
         if turn.role != "assistant":
             continue
-        prompt = render_chat(tokenizer, messages[:i], tokenize=False, add_generation_prompt=True)
-        full = render_chat(tokenizer, messages[: i + 1], tokenize=False)
+        prompt = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
+        full = render_chat(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if not (prompt.startswith(done) and full.startswith(prompt)):
             raise LlamatuneError(
                 "the chat template renders a conversation differently from its own prompt with add_generation_prompt=True "
@@ -99,6 +91,45 @@ def encode_turns(tokenizer, turns: Sequence[Turn]) -> Example:
         labels += [IGNORE_INDEX] * len(context) + answer
         done = full
     return Example(input_ids=tuple(ids), labels=tuple(labels))
+
+
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    """The chat template's text for `messages`.
+
+    Raises:
+        RecipeError: If a template the recipe set (data.chat_template) raises (its own raise_exception, a Jinja
+            syntax error, a missing key): the recipe is where it must be fixed.
+        LlamatuneError: If a template read from a file raises: named by that file.
+    """
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except (TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:  # a template is user code
+        roles = ", ".join(m["role"] for m in messages) or "none"
+        origin = template_origin(tokenizer)
+        if origin is None:
+            raise RecipeError([f"data.chat_template: the chat template fails on a conversation (roles: {roles}): "
+                               f"{type(exc).__name__}: {exc}. Fix the template, or use data.chat_template: chatml"]) from None
+        raise LlamatuneError(f"the chat template from {origin} fails on a conversation (roles: {roles}): "
+                             f"{exc}. Fix the template there (or set data.chat_template: chatml and train again)") from None
+
+
+def template_origin(tokenizer) -> str | None:
+    """Where the tokenizer's chat template was read from: the file in its folder that holds it, or None when it
+    is not a file's (a recipe's data.chat_template)."""
+    from pathlib import Path
+
+    folder = Path(tokenizer.name_or_path)
+    jinja, config = folder / "chat_template.jinja", folder / "tokenizer_config.json"
+    try:
+        if jinja.is_file() and jinja.read_text(encoding="utf-8") == tokenizer.chat_template:
+            return str(jinja)
+        if config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("chat_template") == tokenizer.chat_template:
+            return str(config)  # older transformers kept the template in the config
+    except (OSError, ValueError):
+        pass  # an unreadable file is not where the template in memory came from
+    return None
 
 
 def encode_document(tokenizer, text: str, max_length: int, overlap: int) -> list[Example]:
@@ -116,7 +147,7 @@ def encode_document(tokenizer, text: str, max_length: int, overlap: int) -> list
     while True:
         window = ids[start : start + max_length]
         labels = [IGNORE_INDEX if start + j < trained_until else t for j, t in enumerate(window)]
-        windows.append(Example(input_ids=tuple(window), labels=tuple(labels)))
+        windows.append(Example(input_ids=tuple(window), labels=tuple(labels), document=True))
         trained_until = start + len(window)
         if trained_until >= len(ids):
             return windows

@@ -110,7 +110,7 @@ def _build(spec: DataSpec, tokenizer, seed: int, hashes: dict[str, str]) -> Data
     problems += _check_drops(manifest, spec.max_drop_fraction)
     for name, examples in (("train", train), ("eval", held_out)):
         if not examples and not problems:
-            problems.append(f"data.{name}: no examples left after reading and dropping ({_drop_summary(manifest, name)})")
+            problems.append(_nothing_left(name, manifest, held_out_from_train=spec.eval is None))
     if problems:
         raise RecipeError(problems)
     rows = (lambda ex, s: pack(ex, spec.max_length, s)) if spec.packing else (lambda ex, s: unpacked(ex))
@@ -123,6 +123,22 @@ def longest_token_chars(tokenizer) -> int:
     """The most characters one token can stand for (its vocabulary entry's length bounds its text), so
     max_length tokens can never hold more than max_length times this many characters."""
     return max((len(token) for token in tokenizer.get_vocab()), default=1)
+
+
+def _nothing_left(split: str, manifest: dict, held_out_from_train: bool) -> str:
+    """Why a split is empty: its files, their record counts and drops by reason with one example each."""
+    sources = [s for s in manifest["sources"] if s["split"] == ("train" if held_out_from_train else split)]
+    parts = []
+    for source in sources:
+        files = ", ".join(f["path"] for f in source["files"]) or source["path"]
+        drops = "; ".join(f"{reason} {n} (e.g. {source['drop_examples'][reason][0]})" for reason, n in source["dropped"].items())
+        parts.append(f"{files}: {source['records']} records, {source['examples']} kept" + (f", dropped {drops}" if drops else ""))
+    length = {reason: n for reason, n in manifest.get("length", {}).get(split, {}).items() if n and reason != "truncated"}
+    if length:
+        parts.append("after tokenizing, dropped " + ", ".join(f"{reason} {n}" for reason, n in length.items())
+                     + " (see data.max_length and data.length_policy)")
+    return (f"data.{split}: no examples left after reading and dropping: " + "; ".join(parts)
+            + ". Fix the templates or the data (llamatune data check shows every count)")
 
 
 def fingerprint(manifest: dict) -> str:
@@ -141,12 +157,12 @@ def _split_by_document(items: list[_Item], fraction: float, seed: int,
     document stay on one side, so the held-out score is not inflated by siblings seen in training."""
     documents = sorted({i.document for i in items})
     if not documents:
-        raise RecipeError([f"data.train: no examples to train on ({_drop_summary(manifest, 'train')})"])
+        raise RecipeError([_nothing_left("train", manifest, held_out_from_train=True)])
     random.Random(seed).shuffle(documents)
     held = set(documents[: max(1, round(fraction * len(documents)))])
     if len(held) == len(documents):
         raise RecipeError([f"data.eval_fraction: the training sources hold {len(documents)} document(s) after "
-                           f"dropping and deduplication ({_drop_summary(manifest, 'train')}); holding out "
+                           f"dropping and deduplication; holding out "
                            f"{fraction:g} of them leaves nothing to train on: add data, or give held-out data in data.eval"])
     return [i for i in items if i.document not in held], [i for i in items if i.document in held]
 
@@ -367,12 +383,6 @@ def _check_drops(manifest: dict, limit: float) -> list[str]:
                             "Fix the records or the source's templates/labels, or raise data.max_drop_fraction to accept the loss "
                             "(llamatune data check lists the drops)")
     return problems
-
-
-def _drop_summary(manifest: dict, split: str) -> str:
-    parts = [f"{e['path']}: {e['records']} records, dropped " + (", ".join(f"{r} {n}" for r, n in e["dropped"].items()) or "none")
-             for e in manifest["sources"] if e["split"] == split]
-    return "; ".join(parts) or "no sources"
 
 
 def _totals(train: list[Example], held_out: list[Example], rows: list[Row], max_length: int) -> dict:
