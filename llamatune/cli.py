@@ -16,6 +16,7 @@ from rich.markup import escape
 from llamatune import __version__
 from llamatune.errors import LlamatuneError, RecipeError
 from llamatune.terminal import err, out
+from llamatune.terminal import quiet_libraries as _quiet_libraries
 from llamatune.terminal import run as _run
 
 app = typer.Typer(
@@ -59,6 +60,16 @@ def _use_recipe(recipe: Path, overrides: Optional[List[str]]):
     return parsed
 
 
+def _use_run(path: Path) -> None:
+    """For a command on a run directory: its recipe's redactor for the consoles, when the recipe loads (a run that
+    does not is the command's to report)."""
+    if (path / "recipe.yaml").is_file():
+        try:
+            _use_recipe(path / "recipe.yaml", [])
+        except LlamatuneError:
+            pass
+
+
 def _load_checked(recipe: Path, overrides: Optional[List[str]]):
     """Loads the recipe and checks what needs neither tokenizer nor weights: schema, data files, model reference.
 
@@ -69,20 +80,6 @@ def _load_checked(recipe: Path, overrides: Optional[List[str]]):
 
     parsed = _use_recipe(recipe, overrides)
     return parsed, check_files(parsed, str(recipe))
-
-
-def _quiet_libraries() -> None:
-    """Silences library chatter that tells a llamatune user nothing they can act on."""
-    import logging
-    import warnings
-
-    # bitsandbytes offers to download an optional CPU kernel from a model hub; we never do that.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    # peft calls a transformers method that transformers itself has deprecated.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # our own messages say what is being loaded or converted
 
 
 @app.command()
@@ -237,6 +234,7 @@ def merge_command(
     """Merge RUN's adapter into its full-precision base; verify parity; write a plain transformers folder."""
 
     def body() -> None:
+        _use_run(run)
         if dtype not in ("fp32", "bf16", "fp16"):
             raise RecipeError([f"--dtype: {dtype!r}; choose fp32, bf16 or fp16"])
         from llamatune.artifact_files import FIX_RUN, run_dir_problem
@@ -300,6 +298,7 @@ def eval_command(
     """Score held-out data: answer loss and perplexity, choice accuracy, generation metrics, with 95% intervals."""
 
     def body() -> None:
+        _use_run(target)
         if compare not in (None, "base"):
             raise RecipeError([f"--compare: {compare!r} is not supported; use --compare base"])
         _quiet_libraries()
@@ -320,6 +319,7 @@ def chat_command(
     """Talk to a fine-tuned model by hand, tokens streamed, with its training chat template."""
 
     def body() -> None:
+        _use_run(target)
         if compare not in (None, "base"):
             raise RecipeError([f"--compare: {compare!r} is not supported; use --compare base"])
         _quiet_libraries()

@@ -287,6 +287,11 @@ def run_eval(path: Path, data: list[str], compare_base: bool, generate: bool, li
               "max_new_tokens": max_new_tokens, "data_fingerprints": fingerprints, "overlap_with_training": leaked,
               "notes": notes}
     evalreport.write(out_dir, summary, header, samples)
+    if target.recipe is not None:
+        from llamatune.recipe import redactor_of
+        from llamatune.secrets import scrub
+
+        scrub(out_dir, redactor_of(target.recipe))  # samples carry their source paths
     console.print(f"reports: {out_dir}/eval.json, eval.md, samples.jsonl")
     return summary
 

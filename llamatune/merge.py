@@ -15,7 +15,8 @@ from typing import Callable
 from llamatune import model as models
 from llamatune.checkpoint import fault
 from llamatune.errors import LlamatuneError
-from llamatune.recipe import load_recipe
+from llamatune.recipe import load_recipe, redactor_of
+from llamatune.secrets import scrub
 
 # Largest acceptable disagreement between base+adapter and the merged model, by output dtype.
 THRESHOLDS = {"fp32": {"max_abs_logit": 1e-3}, "bf16": {"mean_kl": 2e-2}, "fp16": {"mean_kl": 2e-3}}
@@ -55,6 +56,7 @@ def merge(run_dir: Path, out: Path | None = None, dtype: str = "fp32", verify: b
             tokenizer.save_pretrained(staging)
             (staging / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
             (staging / "README.md").write_text(_model_card(run_dir, recipe, report["base"], report))
+            scrub(staging, redactor_of(recipe))  # no value from the environment in a folder meant to be shared
             staging.rename(out)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

@@ -62,3 +62,17 @@ def _bug() -> typer.Exit:
     err.print(escape(traceback.format_exc()), highlight=False, markup=True)
     err.print(BUG_REPORT.format(version=__version__), highlight=False)
     return typer.Exit(1)
+
+
+def quiet_libraries() -> None:
+    """Silences library chatter that tells a llamatune user nothing they can act on."""
+    import logging
+    import warnings
+
+    # bitsandbytes offers to download an optional CPU kernel from a model hub; we never do that.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # peft calls a transformers method that transformers itself has deprecated.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own messages say what is being loaded or converted

@@ -48,3 +48,11 @@ def test_a_token_in_a_path_never_appears_in_output_errors_or_run_files(tmp_path,
     assert leaked == []
     # The run still explains itself: with the variable set again, its recipe loads back to the same recipe.
     assert load_recipe(run / "recipe.yaml") == load_recipe(recipe)
+
+    # What later commands write from the run: the eval report and the merged folder (with its model card).
+    for args in (["eval", str(run), "--no-generate"], ["merge", str(run)]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0 and TOKEN not in result.output, result.output
+    written = [p for folder in (run / "eval", run / "merged") for p in folder.rglob("*") if p.is_file()]
+    assert {"eval.json", "samples.jsonl", "README.md", "merge_report.json"} <= {p.name for p in written}
+    assert [str(p.relative_to(run)) for p in written if TOKEN.encode() in p.read_bytes()] == []
