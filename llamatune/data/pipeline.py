@@ -330,6 +330,7 @@ def _encode_all(items: list[_Item], tokenizer, spec: DataSpec, manifest: dict, s
     def drop(item: _Item, reason: str, detail: str) -> None:
         dropped[reason] += 1
         _count_drop(entries[item.source], reason, f"{item.origin}: {detail}")
+        entries[item.source]["examples"] -= 1
 
     for item in items:
         if item.rendered.document is not None:
