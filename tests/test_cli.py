@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from typer.testing import CliRunner
 
 from llamatune import __version__
@@ -88,3 +90,23 @@ def test_a_bug_shows_its_traceback_and_how_to_report_it_and_an_os_error_names_it
     result = CliRunner().invoke(app, ["init", "--domain", "medical", str(tmp_path / "p")])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.output.strip() == f"error: {tmp_path / 'p' / 'recipe.yaml'}: Permission denied"
+
+
+SWEEP = ["train", "train nope.yaml", "train r.yaml --resume /nonexistent/ckpt", "train r.yaml --resume auto",
+         "train r.yaml --save-on-signal FOO", "train r.yaml --set =x", "train r.yaml --run-dir afile", "merge /nonexistent",
+         "merge afile", "merge . --dtype int4", "export /nonexistent", "export . --quant q4_k", "export . --format zip",
+         "eval /nonexistent", "eval . --compare foo", "eval . --limit 0", "eval r.yaml", "chat /nonexistent",
+         "data check nope.yaml", "data preview r.yaml -n 0", "plan r.yaml --device nope", "bench r.yaml --steps 0",
+         "models pull nope", "init --domain nope", "init --domain medical afile", "validate r.yaml --launch nope.yaml",
+         "validate r.yaml --launch afile", "validate afile", "validate .", "schema extra"]
+
+
+@pytest.mark.parametrize("args", SWEEP)
+def test_every_command_refuses_bad_arguments_without_a_traceback(args, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.yaml").write_text("data: {train: t.jsonl}\n")
+    (tmp_path / "t.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
+    (tmp_path / "afile").write_text("not a folder\n")
+    result = CliRunner().invoke(app, args.split())
+    assert result.exit_code not in (0, None), result.output
+    assert "Traceback" not in result.output and (result.exception is None or isinstance(result.exception, SystemExit))
