@@ -3,24 +3,19 @@ overlap check → chat template + tokenize + mask → length policy → pack. Ev
 
 from __future__ import annotations
 
-import difflib
 import random
 from collections import Counter
 from dataclasses import dataclass, field
 
 from llamatune.data import cache
 from llamatune.data.batches import Row, pack, unpacked
+from llamatune.data.drops import bounded, check_drops, count_drop, fields_nobody_has, longest_token_chars, nothing_left
 from llamatune.data.encode import Example, encode_document, encode_turns, end_of_turn_trained, set_chat_template
-from llamatune.data.fields import parse_template
-from llamatune.data.formats import FORMATS, Drop, RecordProblem, Rendered, Turn, fill
+from llamatune.data.formats import FORMATS, Drop, RecordProblem, Rendered, fill
 from llamatune.data.leakage import normalized_key, overlap
 from llamatune.data.readers import Record, SourceKeyError, read_source, source_files
 from llamatune.errors import RecipeError
 from llamatune.schema import DataSpec, SourceSpec
-
-
-_EXAMPLES_SHOWN = 3  # drop examples kept per source and reason (file:line each)
-_TEMPLATE_KEYS = ("prompt", "response", "system", "text", "answer", "options", "messages")
 
 
 @dataclass(frozen=True)
@@ -93,7 +88,7 @@ def _build(spec: DataSpec, tokenizer, seed: int, hashes: dict[str, str]) -> Data
     train_items = _dedup(render("train", spec.train), spec.dedup, manifest, "train")
     eval_items = render("eval", spec.eval) if spec.eval is not None else []
     # Drops while rendering are already decisive (a wrong template or label set): say so before splitting.
-    problems += _check_drops(manifest, spec.max_drop_fraction)
+    problems += check_drops(manifest, spec.max_drop_fraction)
     if problems:
         raise RecipeError(problems)
     if spec.eval is not None:
@@ -107,38 +102,16 @@ def _build(spec: DataSpec, tokenizer, seed: int, hashes: dict[str, str]) -> Data
 
     train = _weighted(_encode_all(train_items, tokenizer, spec, manifest, "train"), spec.train, seed)
     held_out = [e for _, examples in _encode_all(eval_items, tokenizer, spec, manifest, "eval") for e in examples]
-    problems += _check_drops(manifest, spec.max_drop_fraction)
+    problems += check_drops(manifest, spec.max_drop_fraction)
     for name, examples in (("train", train), ("eval", held_out)):
         if not examples and not problems:
-            problems.append(_nothing_left(name, manifest, held_out_from_train=spec.eval is None))
+            problems.append(nothing_left(name, manifest, held_out_from_train=spec.eval is None))
     if problems:
         raise RecipeError(problems)
     rows = (lambda ex, s: pack(ex, spec.max_length, s)) if spec.packing else (lambda ex, s: unpacked(ex))
     train_rows, eval_rows = rows(train, seed), rows(held_out, seed)
     manifest["totals"] = _totals(train, held_out, train_rows, spec.max_length)
     return Datasets(train=train_rows, eval=eval_rows, manifest=manifest)
-
-
-def longest_token_chars(tokenizer) -> int:
-    """The most characters one token can stand for (its vocabulary entry's length bounds its text), so
-    max_length tokens can never hold more than max_length times this many characters."""
-    return max((len(token) for token in tokenizer.get_vocab()), default=1)
-
-
-def _nothing_left(split: str, manifest: dict, held_out_from_train: bool) -> str:
-    """Why a split is empty: its files, their record counts and drops by reason with one example each."""
-    sources = [s for s in manifest["sources"] if s["split"] == ("train" if held_out_from_train else split)]
-    parts = []
-    for source in sources:
-        files = ", ".join(f["path"] for f in source["files"]) or source["path"]
-        drops = "; ".join(f"{reason} {n} (e.g. {source['drop_examples'][reason][0]})" for reason, n in source["dropped"].items())
-        parts.append(f"{files}: {source['records']} records, {source['examples']} kept" + (f", dropped {drops}" if drops else ""))
-    length = {reason: n for reason, n in manifest.get("length", {}).get(split, {}).items() if n and reason != "truncated"}
-    if length:
-        parts.append("after tokenizing, dropped " + ", ".join(f"{reason} {n}" for reason, n in length.items())
-                     + " (see data.max_length and data.length_policy)")
-    return (f"data.{split}: no examples left after reading and dropping: " + "; ".join(parts)
-            + ". Fix the templates or the data (llamatune data check shows every count)")
 
 
 def fingerprint(manifest: dict) -> str:
@@ -157,7 +130,7 @@ def _split_by_document(items: list[_Item], fraction: float, seed: int,
     document stay on one side, so the held-out score is not inflated by siblings seen in training."""
     documents = sorted({i.document for i in items})
     if not documents:
-        raise RecipeError([_nothing_left("train", manifest, held_out_from_train=True)])
+        raise RecipeError([nothing_left("train", manifest, held_out_from_train=True)])
     random.Random(seed).shuffle(documents)
     held = set(documents[: max(1, round(fraction * len(documents)))])
     if len(held) == len(documents):
@@ -186,7 +159,7 @@ def _render_source(index: int, source: SourceSpec, spec: DataSpec, split: str, m
     missing: Counter = Counter()
     for record in records:
         try:
-            rendered = _bounded(render(source, record.fields, spec.system_prompt, labels), max_chars, spec, record.origin)
+            rendered = bounded(render(source, record.fields, spec.system_prompt, labels), max_chars, spec, record.origin)
         except RecordProblem as exc:
             problems.append(f"{record.origin}{_record_id(record)}: {exc} ({key}.{exc.key})")
             break  # one is enough to show what to change; the rest say the same
@@ -194,71 +167,23 @@ def _render_source(index: int, source: SourceSpec, spec: DataSpec, split: str, m
             if spec.strict:
                 raise RecipeError([f"{record.origin}: {drop.detail} (data.strict is on; turn it off to drop and count)"]) from None
             missing[drop.field] += drop.field is not None
-            _count_drop(entry, drop.reason, f"{record.origin}: {drop.detail}")
+            count_drop(entry, drop.reason, f"{record.origin}: {drop.detail}")
             if drop.reason == "too_long":  # measured in characters here; the length policy's count includes it
                 counts = manifest.setdefault("length", {}).setdefault(split, {})
                 counts["too_long"] = counts.get("too_long", 0) + 1
             continue
         text = rendered.document if rendered.document is not None else "\n".join(t.content for t in rendered.turns)
         items.append(_Item(rendered=rendered, origin=record.origin, text=text, document=record.document, source=index))
-    problems += _fields_nobody_has(missing, len(records), records, source, key)
+    problems += fields_nobody_has(missing, len(records), records, source, key)
     if labels:
         entry["labels"] = list(labels)
     entry["examples"] = len(items)
     return items
 
 
-def _bounded(rendered: Rendered, max_chars: int, spec: DataSpec, origin: str) -> Rendered:
-    """Measures a conversation in characters before it is tokenized: more than max_length tokens can
-    hold is too long whatever the tokenizer does, so it is dropped (or refused) without tokenizing it,
-    or, with length_policy truncate, cut to what can still fit. Documents (format text) are windowed."""
-    if rendered.document is not None:
-        return rendered
-    size = sum(len(t.content) for t in rendered.turns)
-    if size <= max_chars:
-        return rendered
-    detail = f"{size:,} characters, more than data.max_length={spec.max_length} tokens can hold"
-    if spec.length_policy == "error":
-        raise RecipeError([f"{origin}: {detail} (data.length_policy: error); raise max_length or choose drop/truncate"])
-    if spec.length_policy == "drop":
-        raise Drop("too_long", detail)
-    # Each turn keeps at most max_chars: that is already more than the max_length tokens truncation keeps.
-    turns = tuple(Turn(t.role, t.content[:max_chars]) for t in rendered.turns)
-    return Rendered(turns=turns, document=None, choices=rendered.choices)
-
-
-def _count_drop(entry: dict, reason: str, example: str) -> None:
-    entry["dropped"][reason] = entry["dropped"].get(reason, 0) + 1
-    shown = entry["drop_examples"].setdefault(reason, [])
-    if len(shown) < _EXAMPLES_SHOWN:
-        shown.append(example)
-
-
 def _record_id(record: Record) -> str:
     value = record.fields.get("id") if isinstance(record.fields, dict) else None
     return f" (record id {value!r})" if value is not None and not record.origin.endswith(f"[{value}]") else ""
-
-
-def _fields_read(source: SourceSpec, name: str) -> list[str]:
-    """The field paths a source key reads: templates name them in braces; messages and options are paths."""
-    value = getattr(source, name)
-    return [value] if name in ("messages", "options") else parse_template(value).fields
-
-
-def _fields_nobody_has(missing: Counter, n_records: int, records: list[Record], source: SourceSpec, key: str) -> list[str]:
-    """A template field that not one record of the source has is a typo in the recipe, not bad data."""
-    problems = []
-    for path, count in missing.items():
-        if count < n_records or n_records == 0:
-            continue
-        present = sorted({k for r in records[:1000] for k in r.fields})
-        close = difflib.get_close_matches(path.split(".")[0], present, n=1, cutoff=0.6)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        templates = [name for name in _TEMPLATE_KEYS if getattr(source, name) and path in _fields_read(source, name)]
-        where = ", ".join(f"{key}.{name}" for name in templates) or f"{key} ({source.format} format)"
-        problems.append(f"{where}: field {path!r} is in none of the {n_records} records of {source.path}; the "
-                        f"records have: {', '.join(present[:20])}.{hint}")
-    return problems
 
 
 def _labels_in(source: SourceSpec, records: list[Record]) -> tuple[str, ...]:
@@ -329,7 +254,7 @@ def _encode_all(items: list[_Item], tokenizer, spec: DataSpec, manifest: dict, s
 
     def drop(item: _Item, reason: str, detail: str) -> None:
         dropped[reason] += 1
-        _count_drop(entries[item.source], reason, f"{item.origin}: {detail}")
+        count_drop(entries[item.source], reason, f"{item.origin}: {detail}")
         entries[item.source]["examples"] -= 1
 
     for item in items:
@@ -370,20 +295,6 @@ def _encode_all(items: list[_Item], tokenizer, spec: DataSpec, manifest: dict, s
         manifest.setdefault("warnings", []).append(f"{split}: {missing_eot} examples do not train the end-of-turn token "
                                                    f"{tokenizer.eos_token!r}; the model may not learn to stop")
     return encoded
-
-
-def _check_drops(manifest: dict, limit: float) -> list[str]:
-    """One problem per source that lost more than `limit` of its records, with counts by reason and examples."""
-    problems = []
-    for entry in manifest["sources"]:
-        lost = sum(entry["dropped"].values())
-        if entry["records"] and lost / entry["records"] > limit:
-            reasons = "; ".join(f"{reason} {n} (e.g. {entry['drop_examples'][reason][0]})" for reason, n in entry["dropped"].items())
-            problems.append(f"{entry['path']} (data.{entry['split']}.{entry['index']}): {lost} of {entry['records']} records "
-                            f"dropped ({lost / entry['records']:.1%}), more than data.max_drop_fraction={limit:g}: {reasons}. "
-                            "Fix the records or the source's templates/labels, or raise data.max_drop_fraction to accept the loss "
-                            "(llamatune data check lists the drops)")
-    return problems
 
 
 def _totals(train: list[Example], held_out: list[Example], rows: list[Row], max_length: int) -> dict:
