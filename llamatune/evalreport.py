@@ -3,13 +3,13 @@ eval.json, eval.md and samples.jsonl."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from llamatune import strictjson
 from llamatune.metrics import bootstrap_ci
 
 # metric -> (per-example key, weighted by answer tokens?, higher is better?)
@@ -89,8 +89,8 @@ def _fmt(triple, signed: bool = False) -> str:
 def write(out_dir: Path, summary: dict, header: dict, samples: list[dict]) -> None:
     """Writes eval.json, eval.md and samples.jsonl into out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "eval.json").write_text(json.dumps({**header, "metrics": summary}, indent=2) + "\n")
-    (out_dir / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    strictjson.write(out_dir / "eval.json", {**header, "metrics": summary})
+    (out_dir / "samples.jsonl").write_text("".join(strictjson.dumps(s) + "\n" for s in samples))
     lines = [f"# Evaluation of {header['target']}", "", f"{header['examples']} held-out examples; 95% bootstrap intervals.", "",
              "| metric | n | base | tuned | Δ tuned − base |", "|---|---|---|---|---|"]
     for name, v in summary.items():
