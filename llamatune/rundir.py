@@ -25,24 +25,26 @@ from llamatune.recipe import Recipe, recipe_to_yaml
 _VERSIONED = ("llamatune", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets")
 
 
-def choose_run_dir(recipe: Recipe, recipe_name: str, override: Path | None = None) -> Path:
-    """Picks the run directory and refuses to reuse a non-empty one (earlier results are never lost).
+def run_dir_path(recipe: Recipe, recipe_name: str, override: Path | None = None) -> Path:
+    """The run directory a new run writes: `override`, output.dir/output.name, or a timestamped name."""
+    if override is not None:
+        return override
+    if recipe.output.name:
+        return recipe.output.dir / recipe.output.name
+    return recipe.output.dir / f"{recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_unused(path: Path) -> None:
+    """Refuses to start a new run in a non-empty directory (earlier results are never lost).
 
     Raises:
-        RecipeError: If the chosen directory exists and is not empty.
+        RecipeError: If the directory exists and is not empty.
     """
-    if override is not None:
-        path = override
-    elif recipe.output.name:
-        path = recipe.output.dir / recipe.output.name
-    else:
-        path = recipe.output.dir / f"{recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if path.exists() and any(path.iterdir()):
         raise RecipeError([
             f"output: run directory {path} already exists and is not empty; choose another with "
             "--run-dir DIR or --set output.name=NEW_NAME (llamatune never overwrites a run)"
         ])
-    return path
 
 
 def start_run_dir(path: Path, recipe: Recipe) -> None:

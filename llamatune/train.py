@@ -14,16 +14,13 @@ from typing import Any
 
 from rich.console import Console
 
-from llamatune import checkpoint
+from llamatune import checkpoint, lock
 from llamatune import model as models
 from llamatune import resume as resume_from
 from llamatune.data.pipeline import build_datasets, fingerprint
 from llamatune.data.batches import collate, epoch_order, eval_order
 from llamatune.data.encode import IGNORE_INDEX
-from llamatune.dropout import use_fast_dropout
-from llamatune.fused import use_lean_blocks, use_lean_lora
 from llamatune.memory import active_allocator, peak_rss_gib
-from llamatune.loss import summed_loss
 from llamatune.plot import write_loss_curve
 from llamatune.progress import TrainProgress
 from llamatune.serving import vllm_lora_check
@@ -66,14 +63,31 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
 
     Raises:
         Preempted: After SIGTERM/SIGINT, once a checkpoint is complete (exit code 75).
+        lock.Busy: If another process is training in the same run directory (exit code 1).
     """
+    console = console or Console(soft_wrap=True)
+    # One writer per run directory, locked before torch is imported (seconds): a second run on the same
+    # directory is refused at once, naming the holder, and has written nothing. Only the main process
+    # locks; the others write their checkpoint RNG files under its lock.
+    run_dir = resume_from.run_dir_for(recipe, recipe_name, run_dir, resume)
+    main = resume_from.launched_rank() == 0
+    with lock.hold(run_dir, "training") if main else nullcontext():
+        return _train(recipe, run_dir, console, resume, force_resume, save_on_signal, evaluate_held_out)
+
+
+def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, force_resume: bool,
+           save_on_signal: str | None, evaluate_held_out: bool) -> TrainResult:
+    """train()'s body, run while the run directory is locked."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from peft.helpers import disable_input_dtype_casting
     from transformers import get_scheduler
 
-    console = console or Console(soft_wrap=True)
+    from llamatune.dropout import use_fast_dropout  # these three import torch: after the lock, like it
+    from llamatune.fused import use_lean_blocks, use_lean_lora
+    from llamatune.loss import summed_loss
+
     cfg = recipe.train
     # Under torchrun/mpirun without a GPU, accelerate only sets up (gloo) distribution when told cpu=True.
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
@@ -85,12 +99,17 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
     acc = Accelerator(mixed_precision="fp16" if precision == "fp16" else "no", cpu=multi_cpu)
     autocast = (lambda: torch.autocast(acc.device.type, dtype=torch.bfloat16)) if precision == "bf16" else acc.autocast
     say = console.print if acc.is_main_process else (lambda *_: None)
-    # Decided before any heavy work: a used run dir or a bad checkpoint fails in a second.
-    run_dir, ckpt = resume_from.locate(recipe, recipe_name, run_dir, resume, say)
+    if acc.is_main_process != (resume_from.launched_rank() == 0):
+        raise LlamatuneError(f"process {acc.process_index} of {acc.num_processes} was launched without its rank in RANK "
+                             "(or PMI_RANK, OMPI_COMM_WORLD_RANK), where llamatune finds which process locks the run "
+                             "directory; launch with torchrun or accelerate launch")
+    # Decided before the model loads: a used run dir or a bad checkpoint fails in seconds.
+    start_at = resume_from.locate(run_dir, resume, say)
     if acc.num_processes > 1:  # every process must use the main process's choice (a timestamped name can differ)
         from accelerate.utils import broadcast_object_list
 
-        run_dir, ckpt = broadcast_object_list([run_dir, ckpt], from_process=0)
+        start_at = broadcast_object_list([start_at], from_process=0)[0]
+    run_dir, ckpt = start_at.run_dir, start_at.checkpoint
     if ckpt is not None:
         resume_from.check_unchanged(run_dir, recipe, force_resume, say)
     set_seed(cfg.seed)  # once: python, numpy, torch (adapter init, dropout) all follow from here
@@ -309,6 +328,8 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
 def _held_out_loss(model, rows, batch_size: int, pad_id: int, acc, autocast) -> float:
     """Token-weighted mean loss over the held-out examples, summed across processes."""
     import torch
+
+    from llamatune.loss import summed_loss
 
     model.eval()
     total, count = 0.0, 0

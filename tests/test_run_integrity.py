@@ -1,5 +1,6 @@
 """One writer per output, and strict JSON in every file written.
 
+Two `llamatune train` processes on one run directory: the second is refused at once, naming the first.
 Two processes converting one GGUF model into the cache: the second waits, then reuses the first one's folder.
 """
 
@@ -10,10 +11,11 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from conftest import assert_strict_json
+from conftest import assert_strict_json, write_qa_recipe
 from llamatune import lock, strictjson
 
 
@@ -64,6 +66,50 @@ def test_a_held_lock_refuses_naming_the_holder_and_is_released(tmp_path):
     with lock.hold(target, "training"):  # released (and its file removed) on exit
         pass
     assert list((tmp_path / "runs").iterdir()) == []
+
+
+# ---- two trainings, one run directory ---------------------------------------------------------
+
+def _train(recipe: Path, run_dir: Path, *extra: str, wait: bool = True):
+    args = [sys.executable, "-m", "llamatune", "train", str(recipe), "--run-dir", str(run_dir), *extra]
+    if wait:
+        return subprocess.run(args, capture_output=True, text=True)
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_a_second_train_on_the_same_run_dir_is_refused_within_5_seconds(tmp_path, tiny_model_dir):
+    """The first trains to the end; the second (new run or `--resume auto`) exits 1 at once, naming the first's
+    pid and host, and writes nothing."""
+    recipe = write_qa_recipe(tmp_path, tiny_model_dir, 24, lora="  r: 4\n",
+                             train="  precision: fp32\n  max_steps: 100\n  micro_batch_size: 2\n")
+    run = tmp_path / "run"
+    first = _train(recipe, run, wait=False)
+    deadline = time.monotonic() + 180
+    while not (run / "metrics.jsonl").exists():  # the first is training: model loaded, run directory written
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0]
+        time.sleep(0.05)
+    holder = json.loads(lock.lock_path(run).read_text())
+    assert holder["pid"] == first.pid and holder["doing"] == "training"
+    before = sorted(p.name for p in run.iterdir())
+    for extra in ([], ["--resume", "auto"]):
+        t0 = time.monotonic()
+        second = _train(recipe, run, *extra)
+        took = time.monotonic() - t0
+        assert first.poll() is None, "the first run ended before the second was refused: make it longer"
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert took < 5, f"refused after {took:.1f}s"
+        message = " ".join((second.stdout + second.stderr).split())
+        assert f"error: {run} is being written by another llamatune process (pid {first.pid} on host " in message
+        assert "model " not in second.stdout  # refused before loading anything
+        print(f"{' '.join(extra) or 'new run'}: refused in {took:.2f}s")
+    assert sorted(p.name for p in run.iterdir()) == before
+    t1 = time.monotonic()
+    out, _ = first.communicate(timeout=300)
+    print(f"the first ran {time.monotonic() - t1:.1f}s more")
+    assert first.returncode == 0, out
+    assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "summary.json").is_file()
+    assert not lock.lock_path(run).exists()
+    assert_strict_json(run)
 
 
 # ---- two conversions, one cache folder --------------------------------------------------------
