@@ -160,13 +160,25 @@ def _rng_state() -> dict:
     }
 
 
+def discard_unfinished(checkpoints: Path) -> None:
+    """Deletes the staging folders of saves a killed process never finished (never a complete checkpoint)."""
+    for stale in checkpoints.glob(".staging-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def _retain(checkpoints: Path, keep_last: int, newest: int) -> None:
     complete = sorted(p for p in checkpoints.glob("step-*") if (p / "manifest.json").is_file())
     for old in complete[:-keep_last]:
+        # The manifest goes first: a folder half-deleted by a kill then lacks it and is plainly not a checkpoint.
+        (old / "manifest.json").unlink()
         shutil.rmtree(old)
         fault(f"during-retention:{newest}")
-    for stale in checkpoints.glob(".staging-*"):  # leftovers of a process killed mid-save
-        shutil.rmtree(stale, ignore_errors=True)
+    # A step-N folder without a manifest is never half-written (saves rename complete folders into place):
+    # it is one whose deletion a kill interrupted. Older than the newest complete one, it is only litter.
+    for half_deleted in checkpoints.glob("step-*"):
+        if not (half_deleted / "manifest.json").is_file() and half_deleted.name < f"step-{newest:08d}":
+            shutil.rmtree(half_deleted, ignore_errors=True)
+    discard_unfinished(checkpoints)
 
 
 def _fsync(path: Path) -> None:

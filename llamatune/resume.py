@@ -11,7 +11,7 @@ from pathlib import Path
 from llamatune import checkpoint
 from llamatune.errors import LlamatuneError, RecipeError
 from llamatune.recipe import load_recipe
-from llamatune.rundir import check_unused, run_dir_path
+from llamatune.rundir import check_unused, finished_summary, run_dir_path
 from llamatune.schema import Recipe
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request with a complete checkpoint; run again with --resume auto
@@ -30,10 +30,12 @@ class Start:
     Attributes:
         run_dir: The run directory.
         checkpoint: The checkpoint to continue from, or None to train from step 0.
+        finished: The summary of a run that already finished (`--resume auto` then trains nothing), or None.
     """
 
     run_dir: Path
     checkpoint: Path | None = None
+    finished: dict | None = None
 
 
 def launched_rank() -> int:
@@ -68,9 +70,12 @@ def run_dir_for(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: 
 def locate(run_dir: Path, resume: str | None, say) -> Start:
     """Decides how a run in `run_dir` starts (read while holding its lock: nobody else is writing it).
 
+    `--resume auto` never fails for want of a checkpoint, so a requeue loop (Slurm) always makes
+    progress: a finished run is reported and left alone, and a run killed before its first complete
+    checkpoint starts again from step 0 in the same directory.
+
     Raises:
-        RecipeError: If a new run (no --resume) would reuse a non-empty directory, or the run has files but
-            no checkpoint.
+        RecipeError: If a new run (no --resume) would reuse a non-empty directory.
         LlamatuneError: If an explicit checkpoint fails its checksums (naming the file).
     """
     if resume is None:
@@ -79,10 +84,15 @@ def locate(run_dir: Path, resume: str | None, say) -> Start:
     if resume != "auto":
         checkpoint.verify(Path(resume))
         return Start(run_dir, Path(resume))
+    finished = finished_summary(run_dir)
+    if finished is not None:
+        say(f"--resume auto: {run_dir} holds a finished run (summary.json and adapter/, step {finished.get('steps')} "
+            f"of {finished.get('planned_steps')}); nothing to train")
+        return Start(run_dir, finished=finished)
     found = checkpoint.latest(run_dir / "checkpoints", warn=lambda m: say(f"[yellow]warning:[/] {m}"))
-    if found is None and run_dir.exists() and any(run_dir.iterdir()):
-        raise RecipeError([f"--resume auto: {run_dir} holds a run but no complete checkpoint (set train.save_every); "
-                           "start a new run with another --run-dir"])
+    if found is None and run_dir.is_dir() and any(run_dir.iterdir()):
+        say(f"--resume auto: {run_dir} has no complete checkpoint (found {_listing(run_dir)}); "
+            "starting from step 0 in the same directory")
     return Start(run_dir, found)
 
 
@@ -107,6 +117,18 @@ def check_same_data(saved: str, current: str, force: bool, say) -> None:
         raise RecipeError(["the training data changed since the checkpoint was written (data fingerprint "
                            f"{saved[:12]} → {current[:12]}); restore the files, or pass --force-resume"])
     say("[yellow]warning:[/] resuming on changed data (--force-resume)")
+
+
+def _listing(run_dir: Path) -> str:
+    """What an interrupted attempt left, in a few words: top-level names, checkpoint folders spelled out."""
+    names = []
+    for path in sorted(run_dir.iterdir()):
+        if path.name == "checkpoints" and path.is_dir():
+            names += [f"checkpoints/{p.name}" + (" (unfinished save)" if p.name.startswith(".staging-") else " (does not verify)")
+                      for p in sorted(path.iterdir())] or ["checkpoints/ (empty)"]
+        else:
+            names.append(path.name + ("/" if path.is_dir() else ""))
+    return ", ".join(names)
 
 
 def _diff(a, b, prefix: str = "") -> list[tuple[str, object, object]]:

@@ -15,10 +15,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from importlib import metadata
 from pathlib import Path
 
+from llamatune import checkpoint
 from llamatune.errors import RecipeError
 from llamatune.recipe import Recipe, recipe_to_yaml
 
@@ -48,9 +50,17 @@ def check_unused(path: Path) -> None:
 
 
 def start_run_dir(path: Path, recipe: Recipe) -> None:
-    """Creates the run directory and writes the resolved recipe first, so even a crashed run explains itself."""
+    """Creates the run directory and writes the resolved recipe first, so even a crashed run explains itself.
+
+    In a directory left by an attempt killed before its first checkpoint (`--resume auto` then starts
+    from step 0 there), what that attempt logged is removed, so the files describe this run only:
+    metrics.jsonl, TensorBoard events and unfinished checkpoint saves.
+    """
     path.mkdir(parents=True, exist_ok=True)
     (path / "recipe.yaml").write_text(recipe_to_yaml(recipe), encoding="utf-8")
+    (path / "metrics.jsonl").unlink(missing_ok=True)
+    shutil.rmtree(path / "tensorboard", ignore_errors=True)
+    checkpoint.discard_unfinished(path / "checkpoints")
 
 
 class MetricsLog:
@@ -95,9 +105,23 @@ def write_manifest(path: Path, manifest: dict) -> None:
 
 
 def write_summary(path: Path, summary: dict) -> None:
-    """Writes summary.json with the library versions the run used appended."""
+    """Writes summary.json with the library versions the run used appended: the run's last file."""
     summary = {**summary, "versions": library_versions()}
     (path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+
+
+def finished_summary(path: Path) -> dict | None:
+    """The summary of the finished run in `path`, or None if the run has not finished.
+
+    A run is finished when its adapter/ and summary.json are both there: summary.json is written
+    last, so it never exists for a run that was stopped before the end (one unreadable is not finished).
+    """
+    if not (path / "adapter").is_dir():
+        return None
+    try:
+        return json.loads((path / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def library_versions() -> dict[str, str]:

@@ -35,7 +35,8 @@ _SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_wit
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What a finished run leaves in memory: its summary and the trained peft model (unwrapped)."""
+    """What a finished run leaves in memory: its summary and the trained peft model (unwrapped; None when
+    `--resume auto` found the run already finished and trained nothing)."""
 
     summary: dict
     model: Any
@@ -110,6 +111,8 @@ def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, 
 
         start_at = broadcast_object_list([start_at], from_process=0)[0]
     run_dir, ckpt = start_at.run_dir, start_at.checkpoint
+    if start_at.finished is not None:
+        return TrainResult(summary=start_at.finished, model=None)
     if ckpt is not None:
         resume_from.check_unchanged(run_dir, recipe, force_resume, say)
     set_seed(cfg.seed)  # once: python, numpy, torch (adapter init, dropout) all follow from here
@@ -201,8 +204,10 @@ def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, 
         checkpoint.restore_rng(ckpt, rank)  # last, so nothing above consumes the restored randomness
 
     # ---- the loop: step s reads micro-batches [k*accum, (k+1)*accum) of epoch s // steps_per_epoch ----
-    started = time.perf_counter()
-    loss, bad, orders, last = float("nan"), 0, {}, total_steps
+    started, loss, bad, orders = time.perf_counter(), float("nan"), 0, {}
+    # A run that stopped early is over: resumed from its last checkpoint, it must not train on.
+    stopped_early = bool(cfg.early_stopping_patience) and waited >= cfg.early_stopping_patience
+    last = start if stopped_early else total_steps
     nan_at = os.environ.get(checkpoint.FAULT_ENV)  # test hook, read once rather than per micro-batch
     extra = (getattr(signal, f"SIG{save_on_signal.upper().removeprefix('SIG')}"),) if save_on_signal else ()
     # Under autocast, peft's LoRA layers would copy each input to the adapter's fp32 and autocast would copy
@@ -210,7 +215,7 @@ def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, 
     lean_casts = disable_input_dtype_casting(model, active=precision in ("bf16", "fp16"))
     with resume_from.StopSignals(extra) as stop, TrainProgress(total_steps, console, cfg.log_every, acc.is_main_process) as progress, \
             lean_casts:
-        for step in range(start, total_steps):
+        for step in range(start, last):
             epoch, k = divmod(step, steps_per_epoch)
             if epoch not in orders:  # the order depends only on (seed, epoch): resume lands on the same batches
                 orders = {epoch: epoch_order(len(data.train), cfg.micro_batch_size, cfg.seed, epoch, world, lengths)[rank::world]}
@@ -312,14 +317,13 @@ def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, 
         "data_fingerprint": data_fingerprint,
     }
     acc.wait_for_everyone()
+    metrics.close()
     if acc.is_main_process:
         acc.unwrap_model(model).save_pretrained(run_dir / "adapter")
         tokenizer.save_pretrained(run_dir / "tokenizer")
         summary["vllm_lora"] = vllm_lora_check(run_dir / "adapter")
-        write_summary(run_dir, summary)
-    metrics.close()
-    if acc.is_main_process:
         write_loss_curve(run_dir)
+        write_summary(run_dir, summary)  # last: summary.json beside adapter/ marks a finished run
     say(f"[bold green]done[/] run directory: {run_dir}"
         + (f"  held-out loss {eval_before:.4f} → {eval_after:.4f}" if eval_after is not None else ""))
     return TrainResult(summary=summary, model=acc.unwrap_model(model))
