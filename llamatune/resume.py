@@ -96,6 +96,17 @@ def locate(run_dir: Path, resume: str | None, say) -> Start:
     return Start(run_dir, found)
 
 
+def restored_counters(state: dict) -> dict:
+    """state.json as the training loop keeps it in memory.
+
+    Strict JSON wrote the two figures that are not finite numbers as null: the best held-out loss
+    before any evaluation (infinite, so the first one is an improvement) and the loss of a skipped
+    step (NaN). A checkpoint written before the last loss was recorded has none: NaN too.
+    """
+    best, loss = state.get("best_eval_loss"), state.get("loss")
+    return {**state, "best_eval_loss": float("inf") if best is None else best, "loss": float("nan") if loss is None else loss}
+
+
 def check_unchanged(run_dir: Path, recipe: Recipe, force: bool, say) -> None:
     """Refuses to resume when the recipe differs from the one the run was started with."""
     saved = load_recipe(run_dir / "recipe.yaml")

@@ -10,6 +10,9 @@
       loss.png        train and held-out loss curves
       checkpoints/    step-N/ folders (train.save_every), written atomically; see checkpoint.py
       tensorboard/    event files, when train.tensorboard is on
+
+Every .json and .jsonl file is strict JSON (strictjson.py): a figure that is not a finite number is
+null, with a reason in the object's `null_reasons`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from llamatune import checkpoint
+from llamatune import checkpoint, strictjson
 from llamatune.errors import RecipeError
 from llamatune.recipe import Recipe, recipe_to_yaml
 
@@ -85,7 +88,7 @@ class MetricsLog:
 
     def write(self, **record) -> None:
         if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
+            self._file.write(strictjson.dumps(record) + "\n")
             self._file.flush()
         if self._tb is not None:
             for key, value in record.items():
@@ -101,20 +104,19 @@ class MetricsLog:
 
 def write_manifest(path: Path, manifest: dict) -> None:
     """Writes data_manifest.json: where every example came from and what was dropped, and why."""
-    (path / "data_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    strictjson.write(path / "data_manifest.json", manifest)
 
 
 def write_summary(path: Path, summary: dict) -> None:
     """Writes summary.json with the library versions the run used appended: the run's last file."""
-    summary = {**summary, "versions": library_versions()}
-    (path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    strictjson.write(path / "summary.json", {**summary, "versions": library_versions()})
 
 
 def finished_summary(path: Path) -> dict | None:
     """The summary of the finished run in `path`, or None if the run has not finished.
 
     A run is finished when its adapter/ and summary.json are both there: summary.json is written
-    last, so it never exists for a run that was stopped before the end (one unreadable is not finished).
+    last and atomically, so it never exists for a run that was stopped before the end.
     """
     if not (path / "adapter").is_dir():
         return None

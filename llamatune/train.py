@@ -167,17 +167,17 @@ def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, 
     )
 
     # ---- a new run directory, or the state of the one being resumed --------------------------------
-    start, tokens_seen, skipped, eval_before, best, waited = 0, 0, 0, None, float("inf"), 0
+    start, tokens_seen, skipped, eval_before, best, waited, loss = 0, 0, 0, None, float("inf"), 0, float("nan")
     if ckpt is None:
         if acc.is_main_process:
             start_run_dir(run_dir, recipe)
             write_manifest(run_dir, data.manifest)
     else:
-        state = checkpoint.load(ckpt, acc.unwrap_model(model), optimizer)
+        state = resume_from.restored_counters(checkpoint.load(ckpt, acc.unwrap_model(model), optimizer))
         resume_from.check_same_data(state["data_fingerprint"], data_fingerprint, force_resume, say)
         scheduler.load_state_dict(state["scheduler"])
         start, tokens_seen, skipped, eval_before = state["step"], state["tokens"], state["skipped_steps"], state["eval_loss_before"]
-        best, waited = state["best_eval_loss"], state["evals_without_improvement"]
+        best, waited, loss = state["best_eval_loss"], state["evals_without_improvement"], state["loss"]
         say(f"resuming {run_dir} from {ckpt.name} (step {start} of {total_steps})")
     for warning in data.manifest.get("warnings", []):
         say(f"[yellow]warning:[/] {warning}")
@@ -193,7 +193,7 @@ def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, 
     def save(step: int) -> Path:
         state = {"step": step, "micro_step": step * cfg.grad_accum, "epoch": step // steps_per_epoch,
                  "offset_in_epoch": step % steps_per_epoch, "seed": cfg.seed, "recipe_sha256": recipe_sha,
-                 "tokens": tokens_seen, "skipped_steps": skipped, "eval_loss_before": eval_before,
+                 "tokens": tokens_seen, "loss": loss, "skipped_steps": skipped, "eval_loss_before": eval_before,
                  "best_eval_loss": best, "evals_without_improvement": waited,
                  "scheduler": scheduler.state_dict(), "data_fingerprint": data_fingerprint}
         return checkpoint.save(run_dir / "checkpoints", step, acc.unwrap_model(model), optimizer, state, cfg.keep_last, acc)
@@ -204,7 +204,7 @@ def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, 
         checkpoint.restore_rng(ckpt, rank)  # last, so nothing above consumes the restored randomness
 
     # ---- the loop: step s reads micro-batches [k*accum, (k+1)*accum) of epoch s // steps_per_epoch ----
-    started, loss, bad, orders = time.perf_counter(), float("nan"), 0, {}
+    started, tokens_before, done, bad, orders = time.perf_counter(), tokens_seen, start, 0, {}
     # A run that stopped early is over: resumed from its last checkpoint, it must not train on.
     stopped_early = bool(cfg.early_stopping_patience) and waited >= cfg.early_stopping_patience
     last = start if stopped_early else total_steps
@@ -291,6 +291,7 @@ def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, 
     eval_after = evaluate(last) if evaluate_held_out else None
 
     # ---- artifacts -----------------------------------------------------------------------------
+    ran = done - start  # steps trained by this process: a run resumed at its last step trains none
     summary = {
         "run_dir": str(run_dir.resolve()),
         "base_model": ref,
@@ -299,7 +300,8 @@ def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, 
         "resumed_from_step": start or None,
         "skipped_steps": skipped,
         "tokens": tokens_seen,
-        "tokens_per_s": round(tokens_seen / train_s, 1) if train_s > 0 else None,
+        # this process's tokens over this process's time (tokens_seen counts earlier sessions too)
+        "tokens_per_s": round((tokens_seen - tokens_before) / train_s, 1) if ran else None,
         "train_wall_s": round(train_s, 2),
         "model_load_s": round(load_s, 2),
         "final_train_loss": loss,
@@ -316,6 +318,8 @@ def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, 
         "data": totals,
         "data_fingerprint": data_fingerprint,
     }
+    if not ran:
+        summary["null_reasons"] = {"tokens_per_s": f"no step ran in this session: resumed at step {start} of {total_steps}"}
     acc.wait_for_everyone()
     metrics.close()
     if acc.is_main_process:

@@ -2,7 +2,7 @@
 
 The killed half runs as a real subprocess (`llamatune train`) that SIGKILLs itself at a named point
 ($LLAMATUNE_FAULT), or that the test SIGKILLs at random instants; the resumed half runs `--resume auto`
-on the same run directory.
+on the same run directory. Every run directory, whatever its path, must hold strict JSON only.
 """
 
 import json
@@ -21,6 +21,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
+from conftest import assert_strict_json
 from llamatune.checkpoint import FAULT_ENV
 from llamatune.errors import LlamatuneError, RecipeError
 from llamatune.recipe import load_recipe
@@ -28,7 +29,8 @@ from llamatune.resume import EXIT_PREEMPTED
 from llamatune.train import train
 
 # fp32, dropout > 0, shuffling, warmup + cosine, accumulation 2: 24 examples / 2 per micro-batch / 2 = 6 steps per
-# epoch; held-out evaluations at steps 4 and 8, so checkpoints carry early-stopping state both before any and after one.
+# epoch; held-out evaluations at steps 4 and 8, so checkpoints carry a best held-out loss both before any (infinite,
+# null in state.json) and after one.
 SETTINGS = ["lora.dropout=0.1", "train.micro_batch_size=2", "train.grad_accum=2", "train.max_steps=null",
             "train.epochs=2", "train.warmup_ratio=0.2", "train.save_every=1", "train.keep_last=2", "data.packing=false",
             "train.precision=fp32", "train.eval_every=4"]
@@ -105,6 +107,7 @@ def test_kill_while_checkpointing_resumes_from_newest_complete(reference, tmp_pa
     assert_same_run(tmp_path / "run", ref)
     final = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert final == ["step-00000011", "step-00000012"]  # retention: keep_last 2, no staging or half-deleted leftovers
+    assert_strict_json(tmp_path / "run")
 
 
 @pytest.mark.parametrize("sig,extra", [(signal.SIGTERM, []), (signal.SIGINT, []), (signal.SIGUSR1, ["--save-on-signal", "USR1"])],
@@ -122,9 +125,11 @@ def test_signal_saves_a_checkpoint_exits_75_and_resumes_exactly(reference, tmp_p
     assert f"stopped by {sig.name} at step" in out and "--resume auto" in out, out[-500:]
     saved = [p for p in (tmp_path / "run" / "checkpoints").iterdir()]
     assert len(saved) == 1 and (saved[0] / "manifest.json").is_file()
+    assert_strict_json(tmp_path / "run")
     resumed = cli(recipe, tmp_path / "run", "--resume", "auto", "--set", "train.save_every=100")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert_same_run(tmp_path / "run", ref)
+    assert_strict_json(tmp_path / "run")
 
 
 def test_corrupt_checkpoint_is_skipped_by_auto_and_named_when_explicit(reference, tmp_path):
@@ -153,9 +158,16 @@ def test_nan_steps_are_skipped_then_abort_with_a_checkpoint(reference, tmp_path,
     monkeypatch.setenv(FAULT_ENV, "nan-loss:2")
     one = train(load_recipe(recipe, SETTINGS), "r", run_dir=tmp_path / "one")
     assert one.summary["skipped_steps"] == 1  # skipped, counted, run completes
+    logged = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    skipped = next(r for r in logged if r["step"] == 2 and "lr" in r)
+    assert skipped["loss"] is None and skipped["null_reasons"] == {"loss": "not a finite number: nan"}
+    assert_strict_json(tmp_path / "one")
     monkeypatch.setenv(FAULT_ENV, "nan-loss:3")
     with pytest.raises(LlamatuneError, match=r"1 consecutive steps had a NaN/Inf loss.*checkpoint .*step-00000003"):
         train(load_recipe(recipe, SETTINGS + ["train.max_bad_steps=1"]), "r", run_dir=tmp_path / "two")
+    state = json.loads((tmp_path / "two" / "checkpoints" / "step-00000003" / "state.json").read_text())
+    assert state["loss"] is None and "loss" in state["null_reasons"]  # the NaN step it stopped on
+    assert_strict_json(tmp_path / "two")
 
 
 def test_resume_auto_without_a_run_name_is_exit_2(reference, tmp_path):
@@ -195,6 +207,7 @@ def test_kill_inside_the_first_checkpoint_save_then_auto_starts_fresh(reference,
                     "same directory"], resumed.stdout
     assert_same_run(run, ref)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000011", "step-00000012"]
+    assert_strict_json(run)
 
 
 def test_resume_auto_on_a_finished_run_trains_nothing_and_exits_0(reference, tmp_path):
@@ -206,6 +219,24 @@ def test_resume_auto_on_a_finished_run_trains_nothing_and_exits_0(reference, tmp
     assert again.stdout.strip() == (f"--resume auto: {run} holds a finished run (summary.json and adapter/, step "
                                     f"{TOTAL_STEPS} of {TOTAL_STEPS}); nothing to train")
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_resumed_at_its_last_step_writes_the_last_loss_and_no_speed(reference, tmp_path):
+    """Killed after its final checkpoint but before summary.json, a run resumed at step N of N trains no step:
+    its summary keeps the last step's loss (not NaN) and writes no tokens/s (not all tokens over no time)."""
+    recipe, ref = reference
+    quiet = Console(quiet=True)
+    first = train(load_recipe(recipe, SETTINGS), "r", run_dir=tmp_path / "run", console=quiet)
+    (tmp_path / "run" / "summary.json").unlink()  # as if killed while writing the artifacts
+    again = train(load_recipe(recipe, SETTINGS), "r", run_dir=tmp_path / "run", console=quiet, resume="auto")
+    written = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert written["resumed_from_step"] == TOTAL_STEPS and written["steps"] == TOTAL_STEPS
+    assert written["final_train_loss"] == first.summary["final_train_loss"] == losses(ref)[TOTAL_STEPS]
+    assert written["tokens_per_s"] is None and written["tokens"] == first.summary["tokens"]
+    assert written["null_reasons"] == {"tokens_per_s": f"no step ran in this session: resumed at step {TOTAL_STEPS} "
+                                                       f"of {TOTAL_STEPS}"}
+    assert again.summary["eval_loss_after"] == first.summary["eval_loss_after"]
+    assert_strict_json(tmp_path / "run")
 
 
 def test_a_run_that_stopped_early_does_not_train_on_when_resumed(reference, tmp_path):
@@ -307,6 +338,7 @@ def test_sigkill_at_random_instants_then_resume_auto_until_done_is_exact(referen
     try:
         assert_same_run(run, ref)
         assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000011", "step-00000012"]
+        assert_strict_json(run)
     except AssertionError as exc:
         raise AssertionError(f"{exc}\nkill instants (seed 1408):\n{story}") from None
     print("kill instants (seed 1408):\n" + story)
