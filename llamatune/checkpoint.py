@@ -4,7 +4,9 @@ A checkpoint is a folder `checkpoints/step-00000042/` holding:
   adapter.safetensors  trainable (LoRA) tensors, in training dtype
   optimizer.pt         optimizer state (tensors; read back with torch.load(weights_only=True))
   rng-<rank>.pt        python / numpy / torch / cuda generator states, one file per process
-  state.json           step, epoch, tokens, scheduler state, held-out loss before training, fingerprints
+  state.json           step, epoch, tokens, last loss, scheduler state, held-out loss before training,
+                       fingerprints (strict JSON: a best held-out loss not measured yet, infinite in
+                       memory, is written as null)
   manifest.json        sha256 of every file above; written last
 It is written in a hidden staging folder beside the final one, every file fsynced, the manifest last,
 then renamed into place: a folder named step-N without a valid manifest never exists, so a reader
@@ -21,6 +23,7 @@ import shutil
 import signal
 from pathlib import Path
 
+from llamatune import strictjson
 from llamatune.errors import LlamatuneError
 from llamatune.fingerprint import sha256_file
 
@@ -61,13 +64,13 @@ def save(checkpoints: Path, step: int, model, optimizer, state: dict, keep_last:
     fault(f"after-adapter:{step}")
     torch.save(optimizer.state_dict(), staging / "optimizer.pt")
     fault(f"after-optimizer:{step}")
-    (staging / "state.json").write_text(json.dumps(state, indent=2))
+    strictjson.write(staging / "state.json", state)
     names = list(FILES) + [f"rng-{r}.pt" for r in range(acc.num_processes)]
     for name in names:
         _fsync(staging / name)
     fault(f"before-manifest:{step}")
     manifest = {"step": step, "processes": acc.num_processes, "files": {name: sha256_file(staging / name) for name in names}}
-    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    strictjson.write(staging / "manifest.json", manifest)
     _fsync(staging / "manifest.json")
     fault(f"before-rename:{step}")
     if final.exists():
@@ -160,13 +163,25 @@ def _rng_state() -> dict:
     }
 
 
+def discard_unfinished(checkpoints: Path) -> None:
+    """Deletes the staging folders of saves a killed process never finished (never a complete checkpoint)."""
+    for stale in checkpoints.glob(".staging-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def _retain(checkpoints: Path, keep_last: int, newest: int) -> None:
     complete = sorted(p for p in checkpoints.glob("step-*") if (p / "manifest.json").is_file())
     for old in complete[:-keep_last]:
+        # The manifest goes first: a folder half-deleted by a kill then lacks it and is plainly not a checkpoint.
+        (old / "manifest.json").unlink()
         shutil.rmtree(old)
         fault(f"during-retention:{newest}")
-    for stale in checkpoints.glob(".staging-*"):  # leftovers of a process killed mid-save
-        shutil.rmtree(stale, ignore_errors=True)
+    # A step-N folder without a manifest is never half-written (saves rename complete folders into place):
+    # it is one whose deletion a kill interrupted. Older than the newest complete one, it is only litter.
+    for half_deleted in checkpoints.glob("step-*"):
+        if not (half_deleted / "manifest.json").is_file() and half_deleted.name < f"step-{newest:08d}":
+            shutil.rmtree(half_deleted, ignore_errors=True)
+    discard_unfinished(checkpoints)
 
 
 def _fsync(path: Path) -> None:

@@ -3,13 +3,13 @@ eval.json, eval.md and samples.jsonl."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from llamatune import strictjson
 from llamatune.errors import LlamatuneError
 from llamatune.metrics import bootstrap_ci
 
@@ -95,8 +95,8 @@ def write(out_dir: Path, summary: dict, header: dict, samples: list[dict]) -> No
     """
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "eval.json").write_text(json.dumps({**header, "metrics": summary}, indent=2) + "\n")
-        (out_dir / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+        strictjson.write(out_dir / "eval.json", {**header, "metrics": summary})
+        (out_dir / "samples.jsonl").write_text("".join(strictjson.dumps(s) + "\n" for s in samples))
         (out_dir / "eval.md").write_text(markdown(summary, header, samples))
     except OSError as exc:
         raise LlamatuneError(f"cannot write the report into {out_dir}: {exc.strerror or exc}; choose another --out") from None

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from llamatune import model as models
+from llamatune import strictjson
 from llamatune.checkpoint import fault
 from llamatune.errors import LlamatuneError
 from llamatune.recipe import load_recipe, redactor_of
@@ -54,7 +55,7 @@ def merge(run_dir: Path, out: Path | None = None, dtype: str = "fp32", verify: b
             merged.save_pretrained(staging, max_shard_size="2GB")
             fault("merge:after-weights")
             tokenizer.save_pretrained(staging)
-            (staging / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+            strictjson.write(staging / "merge_report.json", report)
             (staging / "README.md").write_text(_model_card(run_dir, recipe, report["base"], report))
             scrub(staging, redactor_of(recipe))  # no value from the environment in a folder meant to be shared
             staging.rename(out)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 from llamatune import checkpoint
 from llamatune.errors import LlamatuneError, RecipeError
 from llamatune.recipe import load_recipe
-from llamatune.rundir import choose_run_dir
+from llamatune.rundir import check_unused, finished_summary, run_dir_path
 from llamatune.schema import Recipe
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request with a complete checkpoint; run again with --resume auto
@@ -22,27 +23,88 @@ class Preempted(LlamatuneError):
     exit_code = EXIT_PREEMPTED
 
 
-def locate(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: str | None, say) -> tuple[Path, Path | None]:
-    """Returns (run directory, checkpoint to resume from or None for a fresh start).
+@dataclass(frozen=True)
+class Start:
+    """Where a `train` call starts from.
+
+    Attributes:
+        run_dir: The run directory.
+        checkpoint: The checkpoint to continue from, or None to train from step 0.
+        finished: The summary of a run that already finished (`--resume auto` then trains nothing), or None.
+    """
+
+    run_dir: Path
+    checkpoint: Path | None = None
+    finished: dict | None = None
+
+
+def launched_rank() -> int:
+    """This process's global rank as its launcher put it in the environment (0 when not launched).
+
+    These are the variables accelerate reads (torchrun/accelerate, MPICH, Open MPI, MVAPICH), so the
+    answer is known before torch and accelerate are imported: the run directory is locked first, and
+    a second run on the same directory is refused in about a second, not after seconds of imports.
+    """
+    for name in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"):
+        value = int(os.environ.get(name, "-1") or -1)
+        if value >= 0:
+            return value
+    return 0
+
+
+def run_dir_for(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: str | None) -> Path:
+    """The run directory a `train` call writes, decided before anything in it is read (so it can be locked first).
 
     Raises:
-        RecipeError: If `auto` cannot tell which run is meant, or the run has files but no checkpoint.
+        RecipeError: If `auto` cannot tell which run is meant.
+    """
+    if resume is None:
+        return run_dir_path(recipe, recipe_name, run_dir)
+    if resume != "auto":
+        return Path(resume).parent.parent  # runs/NAME/checkpoints/step-N
+    if run_dir is None and not recipe.output.name:
+        raise RecipeError(["--resume auto needs to know the run: pass --run-dir DIR or set output.name"])
+    return run_dir or recipe.output.dir / recipe.output.name
+
+
+def locate(run_dir: Path, resume: str | None, say) -> Start:
+    """Decides how a run in `run_dir` starts (read while holding its lock: nobody else is writing it).
+
+    `--resume auto` never fails for want of a checkpoint, so a requeue loop (Slurm) always makes
+    progress: a finished run is reported and left alone, and a run killed before its first complete
+    checkpoint starts again from step 0 in the same directory.
+
+    Raises:
+        RecipeError: If a new run (no --resume) would reuse a non-empty directory.
         LlamatuneError: If an explicit checkpoint fails its checksums (naming the file).
     """
     if resume is None:
-        return choose_run_dir(recipe, recipe_name, run_dir), None
+        check_unused(run_dir)
+        return Start(run_dir)
     if resume != "auto":
-        path = Path(resume)
-        checkpoint.verify(path)
-        return path.parent.parent, path
-    if run_dir is None and not recipe.output.name:
-        raise RecipeError(["--resume auto needs to know the run: pass --run-dir DIR or set output.name"])
-    run_dir = run_dir or recipe.output.dir / recipe.output.name
+        checkpoint.verify(Path(resume))
+        return Start(run_dir, Path(resume))
+    finished = finished_summary(run_dir)
+    if finished is not None:
+        say(f"--resume auto: {run_dir} holds a finished run (summary.json and adapter/, step {finished.get('steps')} "
+            f"of {finished.get('planned_steps')}); nothing to train")
+        return Start(run_dir, finished=finished)
     found = checkpoint.latest(run_dir / "checkpoints", warn=lambda m: say(f"[yellow]warning:[/] {m}"))
-    if found is None and run_dir.exists() and any(run_dir.iterdir()):
-        raise RecipeError([f"--resume auto: {run_dir} holds a run but no complete checkpoint (set train.save_every); "
-                           "start a new run with another --run-dir"])
-    return run_dir, found
+    if found is None and run_dir.is_dir() and any(run_dir.iterdir()):
+        say(f"--resume auto: {run_dir} has no complete checkpoint (found {_listing(run_dir)}); "
+            "starting from step 0 in the same directory")
+    return Start(run_dir, found)
+
+
+def restored_counters(state: dict) -> dict:
+    """state.json as the training loop keeps it in memory.
+
+    Strict JSON wrote the two figures that are not finite numbers as null: the best held-out loss
+    before any evaluation (infinite, so the first one is an improvement) and the loss of a skipped
+    step (NaN). A checkpoint written before the last loss was recorded has none: NaN too.
+    """
+    best, loss = state.get("best_eval_loss"), state.get("loss")
+    return {**state, "best_eval_loss": float("inf") if best is None else best, "loss": float("nan") if loss is None else loss}
 
 
 def check_unchanged(run_dir: Path, recipe: Recipe, force: bool, say) -> None:
@@ -66,6 +128,18 @@ def check_same_data(saved: str, current: str, force: bool, say) -> None:
         raise RecipeError(["the training data changed since the checkpoint was written (data fingerprint "
                            f"{saved[:12]} → {current[:12]}); restore the files, or pass --force-resume"])
     say("[yellow]warning:[/] resuming on changed data (--force-resume)")
+
+
+def _listing(run_dir: Path) -> str:
+    """What an interrupted attempt left, in a few words: top-level names, checkpoint folders spelled out."""
+    names = []
+    for path in sorted(run_dir.iterdir()):
+        if path.name == "checkpoints" and path.is_dir():
+            names += [f"checkpoints/{p.name}" + (" (unfinished save)" if p.name.startswith(".staging-") else " (does not verify)")
+                      for p in sorted(path.iterdir())] or ["checkpoints/ (empty)"]
+        else:
+            names.append(path.name + ("/" if path.is_dir() else ""))
+    return ", ".join(names)
 
 
 def _diff(a, b, prefix: str = "") -> list[tuple[str, object, object]]:

@@ -10,48 +10,62 @@
       loss.png        train and held-out loss curves
       checkpoints/    step-N/ folders (train.save_every), written atomically; see checkpoint.py
       tensorboard/    event files, when train.tensorboard is on
+
+Every .json and .jsonl file is strict JSON (strictjson.py): a figure that is not a finite number is
+null, with a reason in the object's `null_reasons`.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from importlib import metadata
 from pathlib import Path
 
+from llamatune import checkpoint, strictjson
 from llamatune.errors import RecipeError
 from llamatune.recipe import Recipe, recipe_to_yaml
 
 _VERSIONED = ("llamatune", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets")
 
 
-def choose_run_dir(recipe: Recipe, recipe_name: str, override: Path | None = None) -> Path:
-    """Picks the run directory and refuses to reuse a non-empty one (earlier results are never lost).
+def run_dir_path(recipe: Recipe, recipe_name: str, override: Path | None = None) -> Path:
+    """The run directory a new run writes: `override`, output.dir/output.name, or a timestamped name."""
+    if override is not None:
+        return override
+    if recipe.output.name:
+        return recipe.output.dir / recipe.output.name
+    return recipe.output.dir / f"{recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_unused(path: Path) -> None:
+    """Refuses to start a new run in a non-empty directory (earlier results are never lost).
 
     Raises:
-        RecipeError: If the chosen directory exists and is not empty.
+        RecipeError: If the path is a file, or a directory that is not empty.
     """
-    if override is not None:
-        path = override
-    elif recipe.output.name:
-        path = recipe.output.dir / recipe.output.name
-    else:
-        path = recipe.output.dir / f"{recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if path.exists() and not path.is_dir():
-        where = "--run-dir" if override is not None else "output.dir/output.name"
-        raise RecipeError([f"{where}: {path} is an existing file, not a run directory; choose another path"])
+        raise RecipeError([f"{path} is an existing file, not a run directory; choose another --run-dir or output.name"])
     if path.exists() and any(path.iterdir()):
         raise RecipeError([
             f"output: run directory {path} already exists and is not empty; choose another with "
             "--run-dir DIR or --set output.name=NEW_NAME (llamatune never overwrites a run)"
         ])
-    return path
 
 
 def start_run_dir(path: Path, recipe: Recipe) -> None:
-    """Creates the run directory and writes the resolved recipe first, so even a crashed run explains itself."""
+    """Creates the run directory and writes the resolved recipe first, so even a crashed run explains itself.
+
+    In a directory left by an attempt killed before its first checkpoint (`--resume auto` then starts
+    from step 0 there), what that attempt logged is removed, so the files describe this run only:
+    metrics.jsonl, TensorBoard events and unfinished checkpoint saves.
+    """
     path.mkdir(parents=True, exist_ok=True)
     (path / "recipe.yaml").write_text(recipe_to_yaml(recipe), encoding="utf-8")
+    (path / "metrics.jsonl").unlink(missing_ok=True)
+    shutil.rmtree(path / "tensorboard", ignore_errors=True)
+    checkpoint.discard_unfinished(path / "checkpoints")
 
 
 class MetricsLog:
@@ -76,7 +90,7 @@ class MetricsLog:
 
     def write(self, **record) -> None:
         if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
+            self._file.write(strictjson.dumps(record) + "\n")
             self._file.flush()
         if self._tb is not None:
             for key, value in record.items():
@@ -92,13 +106,26 @@ class MetricsLog:
 
 def write_manifest(path: Path, manifest: dict) -> None:
     """Writes data_manifest.json: where every example came from and what was dropped, and why."""
-    (path / "data_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    strictjson.write(path / "data_manifest.json", manifest)
 
 
 def write_summary(path: Path, summary: dict) -> None:
-    """Writes summary.json with the library versions the run used appended."""
-    summary = {**summary, "versions": library_versions()}
-    (path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    """Writes summary.json with the library versions the run used appended: the run's last file."""
+    strictjson.write(path / "summary.json", {**summary, "versions": library_versions()})
+
+
+def finished_summary(path: Path) -> dict | None:
+    """The summary of the finished run in `path`, or None if the run has not finished.
+
+    A run is finished when its adapter/ and summary.json are both there: summary.json is written
+    last and atomically, so it never exists for a run that was stopped before the end.
+    """
+    if not (path / "adapter").is_dir():
+        return None
+    try:
+        return json.loads((path / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def library_versions() -> dict[str, str]:

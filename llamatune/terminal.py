@@ -6,6 +6,8 @@ anything else is a bug in llamatune and is shown with its traceback and how to r
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Callable
 
 import typer
@@ -73,6 +75,12 @@ def quiet_libraries() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     # peft calls a transformers method that transformers itself has deprecated.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    from transformers.utils import logging as hf_logging
+    # Our own messages say what is being loaded or converted. Said in the environment, which transformers
+    # reads when imported, rather than by importing it here (0.7 s): `train` then reaches its run-directory
+    # lock, and refuses a second run on the same directory, in about a second.
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # our own messages say what is being loaded or converted
+        hf_logging.disable_progress_bar()
+    else:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"

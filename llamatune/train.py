@@ -14,16 +14,13 @@ from typing import Any
 
 from rich.console import Console
 
-from llamatune import checkpoint, preflight
+from llamatune import checkpoint, lock, preflight
 from llamatune import model as models
 from llamatune import resume as resume_from
 from llamatune.data.pipeline import fingerprint
 from llamatune.data.batches import collate, epoch_order, eval_order
 from llamatune.data.encode import IGNORE_INDEX
-from llamatune.dropout import use_fast_dropout
-from llamatune.fused import use_lean_blocks, use_lean_lora
 from llamatune.memory import active_allocator, peak_rss_gib
-from llamatune.loss import summed_loss
 from llamatune.plot import write_loss_curve
 from llamatune.progress import TrainProgress
 from llamatune.serving import vllm_lora_check
@@ -39,7 +36,8 @@ _SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_wit
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What a finished run leaves in memory: its summary and the trained peft model (unwrapped)."""
+    """What a finished run leaves in memory: its summary and the trained peft model (unwrapped; None when
+    `--resume auto` found the run already finished and trained nothing)."""
 
     summary: dict
     model: Any
@@ -68,14 +66,31 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
 
     Raises:
         Preempted: After SIGTERM/SIGINT, once a checkpoint is complete (exit code 75).
+        lock.Busy: If another process is training in the same run directory (exit code 1).
     """
+    console = console or Console(soft_wrap=True)
+    # One writer per run directory, locked before torch is imported (seconds): a second run on the same
+    # directory is refused at once, naming the holder, and has written nothing. Only the main process
+    # locks; the others write their checkpoint RNG files under its lock.
+    run_dir = resume_from.run_dir_for(recipe, recipe_name, run_dir, resume)
+    main = resume_from.launched_rank() == 0
+    with lock.hold(run_dir, "training") if main else nullcontext():
+        return _train(recipe, run_dir, console, resume, force_resume, save_on_signal, evaluate_held_out, source)
+
+
+def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, force_resume: bool,
+           save_on_signal: str | None, evaluate_held_out: bool, source: str | None) -> TrainResult:
+    """train()'s body, run while the run directory is locked."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from peft.helpers import disable_input_dtype_casting
     from transformers import get_scheduler
 
-    console = console or Console(soft_wrap=True)
+    from llamatune.dropout import use_fast_dropout  # these three import torch: after the lock, like it
+    from llamatune.fused import use_lean_blocks, use_lean_lora
+    from llamatune.loss import summed_loss
+
     cfg = recipe.train
     # Under torchrun/mpirun without a GPU, accelerate only sets up (gloo) distribution when told cpu=True.
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
@@ -87,12 +102,19 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
     acc = Accelerator(mixed_precision="fp16" if precision == "fp16" else "no", cpu=multi_cpu)
     autocast = (lambda: torch.autocast(acc.device.type, dtype=torch.bfloat16)) if precision == "bf16" else acc.autocast
     say = console.print if acc.is_main_process else (lambda *_: None)
-    # Decided before any heavy work: a used run dir or a bad checkpoint fails in a second.
-    run_dir, ckpt = resume_from.locate(recipe, recipe_name, run_dir, resume, say)
+    if acc.is_main_process != (resume_from.launched_rank() == 0):
+        raise LlamatuneError(f"process {acc.process_index} of {acc.num_processes} was launched without its rank in RANK "
+                             "(or PMI_RANK, OMPI_COMM_WORLD_RANK), where llamatune finds which process locks the run "
+                             "directory; launch with torchrun or accelerate launch")
+    # Decided before the model loads: a used run dir or a bad checkpoint fails in seconds.
+    start_at = resume_from.locate(run_dir, resume, say)
     if acc.num_processes > 1:  # every process must use the main process's choice (a timestamped name can differ)
         from accelerate.utils import broadcast_object_list
 
-        run_dir, ckpt = broadcast_object_list([run_dir, ckpt], from_process=0)
+        start_at = broadcast_object_list([start_at], from_process=0)[0]
+    run_dir, ckpt = start_at.run_dir, start_at.checkpoint
+    if start_at.finished is not None:
+        return TrainResult(summary=start_at.finished, model=None)
     if ckpt is not None:
         resume_from.check_unchanged(run_dir, recipe, force_resume, say)
     set_seed(cfg.seed)  # once: python, numpy, torch (adapter init, dropout) all follow from here
@@ -146,18 +168,18 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
     )
 
     # ---- a new run directory, or the state of the one being resumed --------------------------------
-    start, tokens_seen, skipped, eval_before, best, waited = 0, 0, 0, None, float("inf"), 0
+    start, tokens_seen, skipped, eval_before, best, waited, loss = 0, 0, 0, None, float("inf"), 0, float("nan")
     if ckpt is None:
         if acc.is_main_process:
             start_run_dir(run_dir, recipe)
             write_manifest(run_dir, data.manifest)
             scrub(run_dir, redactor_of(recipe))  # the manifest lists every source path
     else:
-        state = checkpoint.load(ckpt, acc.unwrap_model(model), optimizer)
+        state = resume_from.restored_counters(checkpoint.load(ckpt, acc.unwrap_model(model), optimizer))
         resume_from.check_same_data(state["data_fingerprint"], data_fingerprint, force_resume, say)
         scheduler.load_state_dict(state["scheduler"])
         start, tokens_seen, skipped, eval_before = state["step"], state["tokens"], state["skipped_steps"], state["eval_loss_before"]
-        best, waited = state["best_eval_loss"], state["evals_without_improvement"]
+        best, waited, loss = state["best_eval_loss"], state["evals_without_improvement"], state["loss"]
         say(f"resuming {run_dir} from {ckpt.name} (step {start} of {total_steps})")
     metrics = MetricsLog(run_dir / "metrics.jsonl" if acc.is_main_process else None,
                          run_dir / "tensorboard" if cfg.tensorboard else None)
@@ -171,7 +193,7 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
     def save(step: int) -> Path:
         state = {"step": step, "micro_step": step * cfg.grad_accum, "epoch": step // steps_per_epoch,
                  "offset_in_epoch": step % steps_per_epoch, "seed": cfg.seed, "recipe_sha256": recipe_sha,
-                 "tokens": tokens_seen, "skipped_steps": skipped, "eval_loss_before": eval_before,
+                 "tokens": tokens_seen, "loss": loss, "skipped_steps": skipped, "eval_loss_before": eval_before,
                  "best_eval_loss": best, "evals_without_improvement": waited,
                  "scheduler": scheduler.state_dict(), "data_fingerprint": data_fingerprint}
         return checkpoint.save(run_dir / "checkpoints", step, acc.unwrap_model(model), optimizer, state, cfg.keep_last, acc)
@@ -182,8 +204,10 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
         checkpoint.restore_rng(ckpt, rank)  # last, so nothing above consumes the restored randomness
 
     # ---- the loop: step s reads micro-batches [k*accum, (k+1)*accum) of epoch s // steps_per_epoch ----
-    started = time.perf_counter()
-    loss, bad, orders, last = float("nan"), 0, {}, total_steps
+    started, tokens_before, done, bad, orders = time.perf_counter(), tokens_seen, start, 0, {}
+    # A run that stopped early is over: resumed from its last checkpoint, it must not train on.
+    stopped_early = bool(cfg.early_stopping_patience) and waited >= cfg.early_stopping_patience
+    last = start if stopped_early else total_steps
     nan_at = os.environ.get(checkpoint.FAULT_ENV)  # test hook, read once rather than per micro-batch
     extra = (getattr(signal, f"SIG{save_on_signal.upper().removeprefix('SIG')}"),) if save_on_signal else ()
     # Under autocast, peft's LoRA layers would copy each input to the adapter's fp32 and autocast would copy
@@ -191,7 +215,7 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
     lean_casts = disable_input_dtype_casting(model, active=precision in ("bf16", "fp16"))
     with resume_from.StopSignals(extra) as stop, TrainProgress(total_steps, console, cfg.log_every, acc.is_main_process) as progress, \
             lean_casts:
-        for step in range(start, total_steps):
+        for step in range(start, last):
             epoch, k = divmod(step, steps_per_epoch)
             if epoch not in orders:  # the order depends only on (seed, epoch): resume lands on the same batches
                 orders = {epoch: epoch_order(len(data.train), cfg.micro_batch_size, cfg.seed, epoch, world, lengths)[rank::world]}
@@ -267,6 +291,7 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
     eval_after = evaluate(last) if evaluate_held_out else None
 
     # ---- artifacts -----------------------------------------------------------------------------
+    ran = done - start  # steps trained by this process: a run resumed at its last step trains none
     summary = {
         "run_dir": str(run_dir.resolve()),
         "base_model": ref,
@@ -275,7 +300,8 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
         "resumed_from_step": start or None,
         "skipped_steps": skipped,
         "tokens": tokens_seen,
-        "tokens_per_s": round(tokens_seen / train_s, 1) if train_s > 0 else None,
+        # this process's tokens over this process's time (tokens_seen counts earlier sessions too)
+        "tokens_per_s": round((tokens_seen - tokens_before) / train_s, 1) if ran else None,
         "train_wall_s": round(train_s, 2),
         "model_load_s": round(load_s, 2),
         "final_train_loss": loss,
@@ -292,16 +318,18 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
         "data": totals,
         "data_fingerprint": data_fingerprint,
     }
+    if not ran:
+        summary["null_reasons"] = {"tokens_per_s": f"no step ran in this session: resumed at step {start} of {total_steps}"}
     acc.wait_for_everyone()
+    metrics.close()
     if acc.is_main_process:
         acc.unwrap_model(model).save_pretrained(run_dir / "adapter")
         tokenizer.save_pretrained(run_dir / "tokenizer")
         summary["vllm_lora"] = vllm_lora_check(run_dir / "adapter")
-        write_summary(run_dir, summary)
-        scrub(run_dir, redactor_of(recipe))  # peft and transformers write the base model's path themselves
-    metrics.close()
-    if acc.is_main_process:
         write_loss_curve(run_dir)
+        scrub(run_dir, redactor_of(recipe))  # peft and transformers write the base model's path themselves
+        # last: summary.json beside adapter/ marks a finished run
+        write_summary(run_dir, redactor_of(recipe).data(summary))
     say(f"[bold green]done[/] run directory: {run_dir}"
         + (f"  held-out loss {eval_before:.4f} → {eval_after:.4f}" if eval_after is not None else ""))
     return TrainResult(summary=summary, model=acc.unwrap_model(model))
@@ -310,6 +338,8 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
 def _held_out_loss(model, rows, batch_size: int, pad_id: int, acc, autocast) -> float:
     """Token-weighted mean loss over the held-out examples, summed across processes."""
     import torch
+
+    from llamatune.loss import summed_loss
 
     model.eval()
     total, count = 0.0, 0

@@ -173,3 +173,22 @@ def saved_tensor_bytes(model, fn):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return out, sum(seen.values())
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON (strict parsers such as jq and JavaScript reject it)")
+
+
+def assert_strict_json(folder: Path) -> int:
+    """Parses every *.json file and every line of every *.jsonl file under `folder` as strict JSON
+    (NaN, Infinity and -Infinity refused); returns how many documents it read."""
+    count = 0
+    for path in sorted(folder.rglob("*.json")) + sorted(folder.rglob("*.jsonl")):
+        lines = path.read_text(encoding="utf-8").splitlines() if path.suffix == ".jsonl" else [path.read_text(encoding="utf-8")]
+        for number, text in enumerate(lines, 1):
+            try:
+                json.loads(text, parse_constant=_refuse_constant)
+            except ValueError as exc:
+                raise AssertionError(f"{path.relative_to(folder)} (document {number}) is not strict JSON: {exc}") from None
+            count += 1
+    return count

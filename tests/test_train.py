@@ -99,7 +99,7 @@ def test_quantized_base_trains_on_cpu(tiny_recipe, tmp_path, mode, layer):
     ("lora.alpah=3", "lora.alpah (--set): unknown key (did you mean 'alpha'?)"),
     ("train.micro_batch_size=four", "train.micro_batch_size (--set): Input should be a valid integer"),
     ("lora.dropout=1.5", "lora.dropout (--set): Input should be less than 1"),
-    ("data.train=/nonexistent/train.jsonl", "data.train.0.path: /nonexistent/train.jsonl: no such file or folder"),
+    ("data.train=/nonexistent/train.jsonl", "data.train.0.path (--set): /nonexistent/train.jsonl: no such file or folder"),
 ])
 def test_cli_recipe_errors_exit_2_with_dotted_path(tiny_recipe, override, expected):
     result = CliRunner().invoke(app, ["train", str(tiny_recipe), "--set", override])

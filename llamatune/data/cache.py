@@ -14,7 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from llamatune import __version__
+from llamatune import __version__, strictjson
 from llamatune.catalog import cache_dir
 from llamatune.data.encode import Example
 from llamatune.data.readers import source_files
@@ -62,13 +62,18 @@ def load(key: str) -> tuple[list, list, dict] | None:
 
 
 def save(key: str, train: list, held_out: list, manifest: dict) -> None:
-    """Writes an entry atomically (temp file + rename), so a crash never leaves half an entry."""
+    """Writes an entry atomically (temp file + rename), so a crash never leaves half an entry.
+
+    No lock, unlike the model cache: an entry is a pure function of its key, so two processes that
+    build the same one at once write the same content, each to its own temporary file, and os.replace
+    is atomic. A reader sees no entry or a whole one, never a mix; a race only costs doing the work twice.
+    """
     path = _path(key)
     path.parent.mkdir(parents=True, exist_ok=True)
     entry = {"train": _plain(train), "eval": _plain(held_out), "manifest": manifest}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     with os.fdopen(fd, "w") as f:
-        json.dump(entry, f, separators=(",", ":"))
+        f.write(strictjson.dumps(entry, separators=(",", ":")))
     os.replace(tmp, path)
 
 
