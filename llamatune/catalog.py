@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from llamatune import lock, strictjson
-from llamatune.artifact_files import FIX_GGUF, gguf_problem
+from llamatune.artifacts.files import FIX_GGUF, gguf_problem
 from llamatune.errors import LlamatuneError
 from llamatune.fingerprint import sha256_file
 

@@ -106,7 +106,7 @@ def train(
             if not hasattr(signal, "SIG" + save_on_signal.upper().removeprefix("SIG")):
                 raise RecipeError([f"--save-on-signal: unknown signal {save_on_signal!r}; e.g. USR1, USR2"])
         _quiet_libraries()
-        from llamatune.train import train as run_training
+        from llamatune.train.loop import train as run_training
         # train() runs the same checks as validate (preflight.check) before it loads any weight.
         run_training(parsed, recipe_name=recipe.stem, run_dir=run_dir, console=out, resume=resume, force_resume=force_resume,
                      save_on_signal=save_on_signal, source=str(recipe))
@@ -172,7 +172,7 @@ def plan_command(
     """Estimate RECIPE's peak memory on a device (weights, adapter, optimizer, activations, logits) and suggest a micro-batch."""
 
     def body() -> None:
-        from llamatune import plan as planning
+        from llamatune.train import plan as planning
 
         parsed, _ = _load_checked(recipe, overrides)
         if device != "cpu" and device not in planning.DEVICES:
@@ -205,7 +205,7 @@ def bench_command(
     def body() -> None:
         _load_checked(recipe, overrides)
         _quiet_libraries()
-        from llamatune.bench import run_bench
+        from llamatune.train.bench import run_bench
 
         run_bench(recipe, overrides or [], steps, out, profile)
 
@@ -237,7 +237,7 @@ def merge_command(
         _use_run(run)
         if dtype not in ("fp32", "bf16", "fp16"):
             raise RecipeError([f"--dtype: {dtype!r}; choose fp32, bf16 or fp16"])
-        from llamatune.artifact_files import FIX_RUN, run_dir_problem
+        from llamatune.artifacts.files import FIX_RUN, run_dir_problem
 
         if not run.is_dir() or not ((run / "recipe.yaml").exists() or (run / "adapter").exists()):
             raise RecipeError([f"{run}: not a run directory (recipe.yaml + adapter/), the folder llamatune train writes"])
@@ -245,7 +245,7 @@ def merge_command(
         if missing:
             raise LlamatuneError(f"{missing}; {FIX_RUN}")
         _quiet_libraries()
-        from llamatune.merge import merge
+        from llamatune.artifacts.merge import merge
 
         merge(run, out_dir, dtype, verify, say=out.print)
 
@@ -270,7 +270,7 @@ def export_command(
         if not (source / "config.json").is_file():
             raise RecipeError([f"{source}: not a model folder (no config.json); merge a run first: llamatune merge RUN"])
         _quiet_libraries()
-        from llamatune.export import export_gguf, export_ollama
+        from llamatune.artifacts.export import export_gguf, export_ollama
 
         if fmt == "ollama":
             folder = out_file or source.parent / f"{source.name}-ollama"
@@ -302,7 +302,7 @@ def eval_command(
         if compare not in (None, "base"):
             raise RecipeError([f"--compare: {compare!r} is not supported; use --compare base"])
         _quiet_libraries()
-        from llamatune.evaluation import run_eval
+        from llamatune.evaluate.scoring import run_eval
 
         run_eval(target, data or [], compare == "base", generate, limit, out_dir, max_new_tokens, batch_size, out)
 
@@ -323,7 +323,7 @@ def chat_command(
         if compare not in (None, "base"):
             raise RecipeError([f"--compare: {compare!r} is not supported; use --compare base"])
         _quiet_libraries()
-        from llamatune.chat import chat
+        from llamatune.evaluate.chat import chat
 
         chat(target, compare == "base", max_new_tokens, system, read=input, write=print)
 
@@ -337,7 +337,7 @@ def data_check(recipe: Path = RecipeArg, overrides: Optional[List[str]] = SetOpt
     def body() -> None:
         parsed, _ = _load_checked(recipe, overrides)
         _quiet_libraries()
-        from llamatune import datareport
+        from llamatune.data import report as datareport
 
         data, _ = datareport.load(parsed, str(recipe), say=out.print)
         datareport.report(data, out)
@@ -356,7 +356,7 @@ def data_preview(
     def body() -> None:
         parsed, _ = _load_checked(recipe, overrides)
         _quiet_libraries()
-        from llamatune import datareport
+        from llamatune.data import report as datareport
 
         data, tokenizer = datareport.load(parsed, str(recipe), say=out.print)
         datareport.preview(data, tokenizer, n, out)

@@ -13,7 +13,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Literal
 
-from llamatune.artifact_files import fix_for_model, opened
+from llamatune.artifacts.files import fix_for_model, opened
 from llamatune.catalog import BUILTINS, ensure_builtin, ensure_gguf
 from llamatune.errors import LlamatuneError, RecipeError
 from llamatune.schema import LoraSpec, ModelSpec, QuantizationSpec

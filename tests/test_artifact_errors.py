@@ -20,10 +20,10 @@ def pristine(tmp_path_factory, tiny_model_dir):
     in three shards, its GGUF file, and the recipe whose held-out data the model folders are scored on."""
     from transformers import AutoModelForCausalLM
 
-    from llamatune.export import export_gguf
-    from llamatune.merge import merge
+    from llamatune.artifacts.export import export_gguf
+    from llamatune.artifacts.merge import merge
     from llamatune.recipe import load_recipe
-    from llamatune.train import train
+    from llamatune.train.loop import train
 
     folder = tmp_path_factory.mktemp("pristine")
     recipe = write_qa_recipe(folder, tiny_model_dir, 8, lora="  r: 4\n", train="  precision: fp32\n  max_steps: 1\n")

@@ -11,9 +11,9 @@ import pytest
 
 from llamatune.catalog import ensure_builtin, is_cached
 from llamatune.errors import LlamatuneError
-from llamatune.merge import compare_logits
+from llamatune.artifacts.merge import compare_logits
 from llamatune.recipe import parse_recipe
-from llamatune.train import train
+from llamatune.train.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples" / "medical"

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from llamatune.cli import app
 from llamatune.recipe import load_recipe
-from llamatune.train import train
+from llamatune.train.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "recipes").glob("*.yaml")) + sorted((REPO / "recipes").glob("*/*.yaml"))

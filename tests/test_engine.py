@@ -10,7 +10,7 @@ import torch
 from llamatune.errors import RecipeError
 from llamatune.memory import find_tcmalloc
 from llamatune.recipe import load_recipe
-from llamatune.train import train
+from llamatune.train.loop import train
 
 FIXED = ["lora.dropout=0.0", "data.packing=false", "train.warmup_ratio=0.25", "train.max_steps=4"]
 

@@ -10,10 +10,10 @@ from typer.testing import CliRunner
 from conftest import CORPUS, write_jsonl
 from llamatune.cli import app
 from llamatune.data.encode import encode
-from llamatune.evaluation import load_target, score
-from llamatune.metrics import bootstrap_ci, exact_match, rouge_l, token_f1
+from llamatune.evaluate.scoring import load_target, score
+from llamatune.evaluate.metrics import bootstrap_ci, exact_match, rouge_l, token_f1
 from llamatune.recipe import load_recipe
-from llamatune.train import train
+from llamatune.train.loop import train
 
 
 def test_exact_match_and_f1_on_hand_made_pairs():
@@ -48,7 +48,7 @@ def test_loss_and_perplexity_equal_a_manual_sum_of_token_logprobs(tiny_model_dir
 
 def test_choice_scores_in_one_forward_equal_one_forward_per_choice(tiny_model_dir):
     from llamatune.data.encode import Example
-    from llamatune.evaluation import _choice_scores, prompt_ids
+    from llamatune.evaluate.scoring import _choice_scores, prompt_ids
 
     target = load_target(tiny_model_dir)
     tok = target.tokenizer
@@ -68,7 +68,7 @@ def test_choice_scores_in_one_forward_equal_one_forward_per_choice(tiny_model_di
         assert score_ == pytest.approx(manual, rel=1e-4, abs=1e-4)
     assert got["gold"] == "maybe" and got["predicted"] in choices
     from llamatune.data.batches import collate, unpacked
-    from llamatune.evaluation import _row_losses
+    from llamatune.evaluate.scoring import _row_losses
 
     with torch.no_grad():
         [(loss_sum, n)] = _row_losses(target.model, collate(unpacked([example]), tok.pad_token_id))
@@ -155,7 +155,7 @@ def test_chat_streams_answers_and_compares_base(fixed_answer_run):
 
 def test_default_eval_data_is_the_runs_own_held_out_split(tiny_recipe, tmp_path):
     """With eval_fraction, eval must hold out the same documents as training did (the run's seed)."""
-    from llamatune.evaluation import eval_examples, load_target
+    from llamatune.evaluate.scoring import eval_examples, load_target
 
     recipe = load_recipe(tiny_recipe, ["data.eval=null", "data.eval_fraction=0.25", "train.seed=11", "train.max_steps=1"])
     result = train(recipe, "t", run_dir=tmp_path / "run")

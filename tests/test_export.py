@@ -58,7 +58,7 @@ def test_a_template_that_is_not_a_role_wrapper_is_refused(tiny_model_dir, tmp_pa
     from transformers import AutoTokenizer
 
     from llamatune.errors import LlamatuneError
-    from llamatune.export import ollama_modelfile
+    from llamatune.artifacts.export import ollama_modelfile
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     tok.chat_template = "{% for m in messages %}{{ loop.index }}:{{ m['content'] }}\n{% endfor %}"  # numbers turns

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from llamatune.cli import app
 from llamatune.recipe import load_recipe
-from llamatune.train import train
+from llamatune.train.loop import train
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import torch
 from llamatune.data.batches import collate, pack, unpacked
 from llamatune.data.encode import encode
 from llamatune.model import load_tokenizer
-from llamatune.loss import summed_loss
+from llamatune.train.loss import summed_loss
 
 
 @pytest.fixture(scope="module")

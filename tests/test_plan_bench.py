@@ -7,14 +7,14 @@ import torch
 from conftest import saved_tensor_bytes
 from typer.testing import CliRunner
 
-from llamatune import plan as planning
+from llamatune.train import plan as planning
 from llamatune.cli import app
 from llamatune.recipe import load_recipe
 
 
 def _saved_bytes(model, batch, precision: str) -> int:
     """Bytes of the tensors autograd saves for backward in one forward (parameters excluded)."""
-    from llamatune.loss import summed_loss
+    from llamatune.train.loss import summed_loss
 
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         return saved_tensor_bytes(model, lambda: summed_loss(model, batch))[1]
@@ -26,8 +26,8 @@ def test_activation_estimate_matches_the_saved_tensors(tiny_model_dir, tiny_reci
     from transformers import AutoConfig
 
     from llamatune import model as models
-    from llamatune.dropout import use_fast_dropout
-    from llamatune.fused import use_lean_blocks, use_lean_lora
+    from llamatune.train.dropout import use_fast_dropout
+    from llamatune.train.fused import use_lean_blocks, use_lean_lora
     from llamatune.schema import LoraSpec, ModelSpec, QuantizationSpec
 
     config = AutoConfig.from_pretrained(tiny_model_dir)

@@ -22,11 +22,11 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from conftest import assert_strict_json
-from llamatune.checkpoint import FAULT_ENV
+from llamatune.train.checkpoint import FAULT_ENV
 from llamatune.errors import LlamatuneError, RecipeError
 from llamatune.recipe import load_recipe
-from llamatune.resume import EXIT_PREEMPTED
-from llamatune.train import train
+from llamatune.train.resume import EXIT_PREEMPTED
+from llamatune.train.loop import train
 
 # fp32, dropout > 0, shuffling, warmup + cosine, accumulation 2: 24 examples / 2 per micro-batch / 2 = 6 steps per
 # epoch; held-out evaluations at steps 4 and 8, so checkpoints carry a best held-out loss both before any (infinite,

@@ -126,7 +126,7 @@ def test_two_processes_converting_one_gguf_convert_it_once(tmp_path, tiny_model_
     from transformers import AutoModelForCausalLM
 
     from llamatune.catalog import cached_gguf_path, is_cached
-    from llamatune.export import export_gguf
+    from llamatune.artifacts.export import export_gguf
     from llamatune.fingerprint import sha256_file
 
     gguf = export_gguf(tiny_model_dir, tmp_path / "tiny.gguf", say=lambda _: None)

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 from llamatune.cli import app
 from llamatune.recipe import load_recipe
 from llamatune.scaffold import DOMAINS
-from llamatune.train import train
+from llamatune.train.loop import train
 
 
 @pytest.mark.parametrize("domain", sorted(DOMAINS))

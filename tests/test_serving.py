@@ -2,7 +2,7 @@
 
 import json
 
-from llamatune.serving import vllm_lora_check
+from llamatune.artifacts.serving import vllm_lora_check
 
 
 def check(tmp_path, **config):

@@ -8,8 +8,8 @@ from conftest import saved_tensor_bytes
 
 from llamatune.data.batches import collate, pack, unpacked
 from llamatune.data.encode import IGNORE_INDEX, Example
-from llamatune.dropout import FastDropout, use_fast_dropout
-from llamatune.loss import _frozen_head, linear_cross_entropy, summed_loss
+from llamatune.train.dropout import FastDropout, use_fast_dropout
+from llamatune.train.loss import _frozen_head, linear_cross_entropy, summed_loss
 from llamatune.schema import LoraSpec
 
 
@@ -55,7 +55,7 @@ def test_summed_loss_matches_full_logits_cross_entropy(lora_model, packed, monke
     expected.backward()
     want = _grads(lora_model)
     lora_model.zero_grad()
-    monkeypatch.setattr("llamatune.loss.CHUNK_ELEMENTS", 7 * 256)  # several chunks even on the tiny vocabulary
+    monkeypatch.setattr("llamatune.train.loss.CHUNK_ELEMENTS", 7 * 256)  # several chunks even on the tiny vocabulary
     got, n = summed_loss(lora_model, batch)
     got.backward()
     assert n == n_expected > 0
@@ -119,7 +119,7 @@ def test_use_fast_dropout_replaces_peft_dropout_only(tiny_model_dir):
 def test_lean_blocks_give_the_same_loss_and_gradients(tiny_model_dir):
     """fp32: equal to the originals. bf16: as close to the fp32 result as the original bf16 blocks are."""
     from llamatune import model as models
-    from llamatune.fused import use_lean_blocks
+    from llamatune.train.fused import use_lean_blocks
     from llamatune.schema import ModelSpec, QuantizationSpec
 
     def run(lean: bool, precision: str):
@@ -154,7 +154,7 @@ def test_bf16_training_with_lean_casts_lowers_the_loss_and_restores_peft_casting
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from llamatune.recipe import load_recipe
-    from llamatune.train import train
+    from llamatune.train.loop import train
 
     recipe = load_recipe(tiny_recipe, ["train.precision=bf16", f"quantization.mode={quantization}", "train.max_steps=6"])
     result = train(recipe, "t", run_dir=tmp_path / "run")
@@ -173,7 +173,7 @@ def test_lean_lora_gives_the_same_loss_and_gradients_and_keeps_less(tiny_model_d
     if quantization == "nf4":
         pytest.importorskip("bitsandbytes")
     from llamatune import model as models
-    from llamatune.fused import use_lean_blocks, use_lean_lora
+    from llamatune.train.fused import use_lean_blocks, use_lean_lora
     from llamatune.schema import ModelSpec, QuantizationSpec
 
     def run(lean: bool):

@@ -7,8 +7,8 @@ from typer.testing import CliRunner
 
 from llamatune.cli import app
 from llamatune.recipe import load_recipe
-from llamatune.loss import summed_loss
-from llamatune.train import train
+from llamatune.train.loss import summed_loss
+from llamatune.train.loop import train
 
 RUN_FILES = {"recipe.yaml", "adapter", "tokenizer", "metrics.jsonl", "summary.json", "data_manifest.json", "loss.png"}
 

@@ -138,7 +138,7 @@ def worker_llamatune(folder: Path, model_dir: str, checkpointing: bool = False) 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llamatune.recipe import load_recipe
-    from llamatune.train import train
+    from llamatune.train.loop import train
 
     recipe = folder / "bench.yaml"
     source = '    prompt: "{question}"\n    response: "{answer}"\n'

@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from llamatune.artifact_files import check_output, fix_for_model, opened
+from llamatune.artifacts.files import check_output, fix_for_model, opened
 from llamatune.errors import LlamatuneError
 
 _LAYER = {

@@ -21,7 +21,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 
-from llamatune.loss import CHUNK_ELEMENTS
+from llamatune.train.loss import CHUNK_ELEMENTS
 from llamatune.memory import training_uses_tcmalloc
 
 GiB = 2**30

@@ -33,10 +33,10 @@ def run_bench(recipe_path: Path, overrides: list[str], steps: int, console: Cons
     """
     import torch
 
-    from llamatune import plan as planning
+    from llamatune.train import plan as planning
     from llamatune.recipe import load_recipe
     from llamatune.memory import active_allocator, peak_rss_gib
-    from llamatune.train import _held_out_loss, train
+    from llamatune.train.loop import _held_out_loss, train
 
     runtime = planning.runtime_resident_bytes()  # before the model loads: what plan calls "runtime"
     recipe = load_recipe(recipe_path, overrides)
@@ -122,7 +122,7 @@ def _plan_gib(recipe, totals, runtime: int) -> float | None:
     import torch
     from transformers import AutoConfig
 
-    from llamatune import plan as planning
+    from llamatune.train import plan as planning
     from llamatune.model import resolve
 
     if torch.cuda.is_available():

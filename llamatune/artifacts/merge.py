@@ -14,7 +14,7 @@ from typing import Callable
 
 from llamatune import model as models
 from llamatune import strictjson
-from llamatune.checkpoint import fault
+from llamatune.train.checkpoint import fault
 from llamatune.errors import LlamatuneError
 from llamatune.recipe import load_recipe, redactor_of
 from llamatune.secrets import scrub
@@ -38,7 +38,7 @@ def merge(run_dir: Path, out: Path | None = None, dtype: str = "fp32", verify: b
             (nothing is written then).
     """
     from llamatune import lock
-    from llamatune.artifact_files import check_output
+    from llamatune.artifacts.files import check_output
 
     out = out or run_dir / "merged"
     check_output(out, "--out")  # before the lock, which creates out's parent folders
@@ -61,7 +61,7 @@ def merge(run_dir: Path, out: Path | None = None, dtype: str = "fp32", verify: b
             staging.rename(out)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    from llamatune.serving import vllm_lora_check
+    from llamatune.artifacts.serving import vllm_lora_check
 
     say("adapter for vLLM: " + "; ".join(vllm_lora_check(run_dir / "adapter")["notes"]))
     say(f"merged model: {out} (max |Δlogit| {report['merged_vs_unmerged']['max_abs_logit']:.2e}, "
@@ -77,7 +77,7 @@ def _merged_model(run_dir: Path, recipe, dtype: str, verify: bool, say: Callable
     """
     import torch
 
-    from llamatune.evaluation import Target, eval_examples, prompt_ids, run_tokenizer, with_adapter
+    from llamatune.evaluate.scoring import Target, eval_examples, prompt_ids, run_tokenizer, with_adapter
     from llamatune.schema import QuantizationSpec
 
     ref = models.resolve(recipe.model, say)
@@ -135,7 +135,7 @@ def _check(found: dict, dtype: str, verify: bool) -> None:
 def _quantized_gap(run_dir: Path, recipe, ref: str, merged, prompts) -> dict:
     """How far the merged full-precision model is from the 4-bit model the adapter was trained with."""
     import torch
-    from llamatune.evaluation import with_adapter
+    from llamatune.evaluate.scoring import with_adapter
 
     trained = with_adapter(models.load_base(ref, recipe.model, recipe.quantization), run_dir).eval()
     with torch.no_grad():

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from llamatune import strictjson
 from llamatune.errors import LlamatuneError
-from llamatune.metrics import bootstrap_ci
+from llamatune.evaluate.metrics import bootstrap_ci
 
 # metric -> (per-example key, weighted by answer tokens?, higher is better?)
 METRICS = {

@@ -18,7 +18,7 @@ from llamatune import model as models
 from llamatune.data.batches import collate, unpacked
 from llamatune.data.encode import IGNORE_INDEX, Example
 from llamatune.errors import RecipeError
-from llamatune.metrics import exact_match, rouge_l, token_f1
+from llamatune.evaluate.metrics import exact_match, rouge_l, token_f1
 
 
 @dataclass
@@ -39,7 +39,7 @@ def load_target(path: Path, say: Callable[[str], None] = print) -> Target:
         RecipeError: If the path is none of these.
         LlamatuneError: If one of its files is missing or damaged (the message names it).
     """
-    from llamatune.artifact_files import target_kind
+    from llamatune.artifacts.files import target_kind
     from llamatune.schema import ModelSpec, QuantizationSpec
 
     if target_kind(path) == "run":
@@ -59,7 +59,7 @@ def run_tokenizer(run: Path):
     """The tokenizer a run was trained with (RUN/tokenizer, its chat template included)."""
     from transformers import AutoTokenizer
 
-    from llamatune.artifact_files import FIX_RUN, opened
+    from llamatune.artifacts.files import FIX_RUN, opened
 
     return opened(partial(AutoTokenizer.from_pretrained, str(run / "tokenizer")), run / "tokenizer", "tokenizer", FIX_RUN)
 
@@ -68,7 +68,7 @@ def with_adapter(base, run: Path):
     """`base` wrapped in the run's LoRA adapter (RUN/adapter, PEFT format)."""
     from peft import PeftModel
 
-    from llamatune.artifact_files import FIX_RUN, opened
+    from llamatune.artifacts.files import FIX_RUN, opened
 
     return opened(partial(PeftModel.from_pretrained, base, str(run / "adapter")), run / "adapter", "adapter", FIX_RUN)
 
@@ -168,7 +168,7 @@ def _row_losses(model, batch: dict) -> list[tuple[float, int]]:
     import torch
     import torch.nn.functional as F
 
-    from llamatune.loss import label_positions
+    from llamatune.train.loss import label_positions
 
     labels = batch["labels"]
     keep, columns, chosen, targets = label_positions(labels)
@@ -253,8 +253,8 @@ def run_eval(path: Path, data: list[str], compare_base: bool, generate: bool, li
     """The whole `llamatune eval`: load, read data, score tuned (and base), report. Returns the summary."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from llamatune import evalreport
-    from llamatune.artifact_files import check_output, target_kind
+    from llamatune.evaluate import report as evalreport
+    from llamatune.artifacts.files import check_output, target_kind
 
     out_dir = out_dir or (path / "eval" if target_kind(path) == "run" else Path("eval") / path.stem)
     check_output(out_dir, "--out", existing_folder_ok=True)  # now, not after the scoring

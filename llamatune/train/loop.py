@@ -14,20 +14,21 @@ from typing import Any
 
 from rich.console import Console
 
-from llamatune import checkpoint, lock, preflight
+from llamatune import lock, preflight
+from llamatune.train import checkpoint
 from llamatune import model as models
-from llamatune import resume as resume_from
+from llamatune.train import resume as resume_from
 from llamatune.data.pipeline import fingerprint
 from llamatune.data.batches import collate, epoch_order, eval_order
 from llamatune.data.encode import IGNORE_INDEX
 from llamatune.memory import active_allocator, peak_rss_gib
-from llamatune.plot import write_loss_curve
-from llamatune.progress import TrainProgress
-from llamatune.serving import vllm_lora_check
+from llamatune.train.plot import write_loss_curve
+from llamatune.train.progress import TrainProgress
+from llamatune.artifacts.serving import vllm_lora_check
 from llamatune.recipe import Recipe, recipe_to_yaml, redactor_of
 from llamatune.secrets import scrub
 from llamatune.errors import LlamatuneError, RecipeError
-from llamatune.rundir import MetricsLog, start_run_dir, write_manifest, write_summary
+from llamatune.train.rundir import MetricsLog, start_run_dir, write_manifest, write_summary
 
 
 # recipe name -> transformers scheduler name (all with linear warmup first)
@@ -87,9 +88,9 @@ def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, 
     from peft.helpers import disable_input_dtype_casting
     from transformers import get_scheduler
 
-    from llamatune.dropout import use_fast_dropout  # these three import torch: after the lock, like it
-    from llamatune.fused import use_lean_blocks, use_lean_lora
-    from llamatune.loss import summed_loss
+    from llamatune.train.dropout import use_fast_dropout  # these three import torch: after the lock, like it
+    from llamatune.train.fused import use_lean_blocks, use_lean_lora
+    from llamatune.train.loss import summed_loss
 
     cfg = recipe.train
     # Under torchrun/mpirun without a GPU, accelerate only sets up (gloo) distribution when told cpu=True.
@@ -339,7 +340,7 @@ def _held_out_loss(model, rows, batch_size: int, pad_id: int, acc, autocast) -> 
     """Token-weighted mean loss over the held-out examples, summed across processes."""
     import torch
 
-    from llamatune.loss import summed_loss
+    from llamatune.train.loss import summed_loss
 
     model.eval()
     total, count = 0.0, 0

@@ -23,7 +23,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from llamatune import checkpoint, strictjson
+from llamatune import strictjson
+from llamatune.train import checkpoint
 from llamatune.errors import RecipeError
 from llamatune.recipe import Recipe, recipe_to_yaml
 
