@@ -48,12 +48,17 @@ def hold(target: Path, what: str, wait: bool = False, say: Callable[[str], None]
     import fcntl
 
     path = lock_path(target)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise LlamatuneError(f"cannot create {path.parent} for {target}: {exc.strerror}") from None
+    # Folders made only to hold the lock are removed with it when nothing else went into them, so a run
+    # refused by its checks leaves no empty runs/ behind.
+    created = [p for p in [path.parent, *path.parent.parents] if not p.exists()]
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            continue  # another holder removed the folder it had made between our two calls
+        except OSError as exc:
+            raise LlamatuneError(f"cannot create the lock {path} for {target}: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -86,6 +91,11 @@ def hold(target: Path, what: str, wait: bool = False, say: Callable[[str], None]
         except OSError:
             pass
         os.close(fd)
+        for folder in created:  # deepest first; one that holds anything stays
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 def _describe_holder(fd: int) -> str:

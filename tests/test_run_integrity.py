@@ -65,7 +65,10 @@ def test_a_held_lock_refuses_naming_the_holder_and_is_released(tmp_path):
                 pass
     with lock.hold(target, "training"):  # released (and its file removed) on exit
         pass
-    assert list((tmp_path / "runs").iterdir()) == []
+    assert not (tmp_path / "runs").exists()  # made only for the lock: removed with it
+    with lock.hold(target, "training"):
+        target.mkdir()  # what the holder wrote stays
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["r"]
 
 
 # ---- two trainings, one run directory ---------------------------------------------------------
