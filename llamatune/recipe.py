@@ -33,6 +33,8 @@ _KNOWN_ALIASES = {
 }
 
 
+_MAX_NODES = 100_000  # a recipe is a few hundred values; more is an alias bomb, not a recipe
+
 # Keys that no longer exist where people (or older recipes) put them, and what replaced them.
 _MOVED = {
     "prompt_field": "fields are now templates on each source: data.train: {path: ..., prompt: '{question}'}",
@@ -62,6 +64,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     except yaml.YAMLError as exc:
         hint = "; YAML cannot indent with tabs: use spaces" if "'\\t'" in str(exc) else ""
         raise RecipeError([f"not valid YAML: {exc}{hint}"], source=str(path)) from None
+    except RecipeError as exc:
+        raise RecipeError(exc.problems, source=str(path)) from None
     if raw is None:
         raise RecipeError(["the recipe is empty (nothing but blanks or comments); at least data.train is needed, "
                            "e.g. data: {train: train.jsonl} (see recipes/quickstart.yaml)"], source=str(path))
@@ -248,7 +252,12 @@ def _key_lines(text: str) -> tuple[dict[tuple, int | str], list[tuple[tuple, int
     duplicates: list[tuple[tuple, int, int]] = []
     written: dict[tuple, str] = {}  # scalars as written (YAML turns `off` into False: the message shows `off`)
 
+    visited = [0]
+
     def walk(node: Any, prefix: tuple) -> None:
+        visited[0] += 1
+        if visited[0] > _MAX_NODES:  # aliases can make a few lines expand exponentially ("billion laughs")
+            raise RecipeError([f"the recipe expands to more than {_MAX_NODES:,} values (YAML aliases?); write it out plainly"])
         if isinstance(node, yaml.ScalarNode):
             written[prefix] = node.value
         if isinstance(node, yaml.MappingNode):

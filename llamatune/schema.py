@@ -6,10 +6,11 @@ keys are errors (extra="forbid"); loading, line numbers and did-you-mean live in
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from llamatune.data.fields import parse_template
@@ -25,8 +26,22 @@ def conflict(keys: tuple[str, ...], message: str) -> PydanticCustomError:
 
 
 class _Spec(BaseModel):
-    # Frozen so a recipe cannot drift after validation; extra="forbid" so typos are errors.
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+    # Frozen so a recipe cannot drift after validation; extra="forbid" so typos are errors; no inf/nan (`lr: .inf`
+    # would pass gt=0 and train on NaN).
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=(), allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_and_booleans_as_written(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads `r: true` as 1 and `packing: 1` as true; YAML's yes/no/on/off make the first an
+        # easy slip, and neither is what was meant.
+        annotation = cls.model_fields[info.field_name].annotation
+        kinds = set(typing.get_args(annotation) or (annotation,))
+        if annotation is bool and not isinstance(value, bool):
+            raise ValueError("expected true or false")
+        if isinstance(value, bool) and kinds & {int, float} and bool not in kinds:
+            raise ValueError("expected a number, not a boolean (YAML reads true/false/yes/no/on/off as booleans)")
+        return value
 
 
 class ModelSpec(_Spec):

@@ -200,6 +200,9 @@ def _read_jsonl(path: Path, spec: SourceSpec, notes: list[str]) -> Iterator[Reco
         except ValueError as exc:  # NaN / Infinity: Python's json reads them, JSON does not have them
             bad.add(lineno, str(exc))
             continue
+        except RecursionError:
+            bad.add(lineno, "nested too deeply to read (thousands of levels)")
+            continue
         if not isinstance(obj, dict):
             bad.add(lineno, f"expected a JSON object per line, got {_kind(obj)}")
             continue
@@ -250,6 +253,8 @@ def _read_json(path: Path, spec: SourceSpec, notes: list[str]) -> Iterator[Recor
         raise RecipeError([f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}){hint}"]) from None
     except ValueError as exc:
         raise RecipeError([f"{path}: {exc}"]) from None
+    except RecursionError:
+        raise RecipeError([f"{path}: nested too deeply to read (thousands of levels)"]) from None
     top = doc
     if spec.records:
         doc = lookup(doc, tuple(spec.records.split(".")))
