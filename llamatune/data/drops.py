@@ -80,6 +80,8 @@ def fields_nobody_has(missing: Counter, n_records: int, records: list[Record], s
         present = sorted({k for r in records[:1000] for k in r.fields})
         close = difflib.get_close_matches(path.split(".")[0], present, n=1, cutoff=0.6)
         hint = f" Did you mean '{close[0]}'?" if close else ""
+        if any(sep in name for name in present for sep in ";\t|"):  # one column named 'question;answer'
+            hint += " The file may use another delimiter than its extension says (.csv: comma, .tsv: tab)."
         templates = [name for name in TEMPLATE_KEYS if getattr(source, name) and path in _fields_read(source, name)]
         where = ", ".join(f"{key}.{name}" for name in templates) or f"{key} ({source.format} format)"
         problems.append(f"{where}: field {path!r} is in none of the {n_records} records of {source.path}; the "
@@ -92,7 +94,7 @@ def check_drops(manifest: dict, limit: float) -> list[str]:
     problems = []
     for entry in manifest["sources"]:
         lost = sum(entry["dropped"].values())
-        if entry["records"] and lost / entry["records"] > limit:
+        if entry["records"] and lost / entry["records"] > limit and not entry.get("template_typo"):
             reasons = "; ".join(f"{reason} {n} (e.g. {entry['drop_examples'][reason][0]})" for reason, n in entry["dropped"].items())
             problems.append(f"{entry['path']} (data.{entry['split']}.{entry['index']}): {lost} of {entry['records']} records "
                             f"dropped ({lost / entry['records']:.1%}), more than data.max_drop_fraction={limit:g}: {reasons}. "

@@ -174,7 +174,9 @@ def _render_source(index: int, source: SourceSpec, spec: DataSpec, split: str, m
             continue
         text = rendered.document if rendered.document is not None else "\n".join(t.content for t in rendered.turns)
         items.append(_Item(rendered=rendered, origin=record.origin, text=text, document=record.document, source=index))
-    problems += fields_nobody_has(missing, len(records), records, source, key)
+    typos = fields_nobody_has(missing, len(records), records, source, key)
+    entry["template_typo"] = bool(typos)  # its drops follow from the typo: check_drops need not repeat them
+    problems += typos
     if labels:
         entry["labels"] = list(labels)
     entry["examples"] = len(items)

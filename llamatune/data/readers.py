@@ -21,6 +21,7 @@ from llamatune.schema import SourceSpec
 _BY_SUFFIX = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet",
               ".txt": "text", ".md": "text", ".xml": "xml"}
 _COMPRESSED = {".gz": "gunzip", ".bz2": "bunzip2", ".xz": "unxz", ".zst": "unzstd", ".zip": "unzip", ".7z": "7z x"}
+_OFFICE = {".xlsx", ".xls", ".ods", ".docx", ".doc", ".odt", ".pdf", ".numbers"}
 _MAX_LISTED = 10  # malformed rows listed per file; the rest are counted
 _UTF8 = {"utf-8", "utf8", "utf_8"}
 
@@ -75,8 +76,9 @@ def source_files(spec: SourceSpec) -> list[Path]:
     if spec.reader == "auto":
         unknown = [f for f in files if f.suffix.lower() not in _BY_SUFFIX]
         if unknown:
-            raise RecipeError([f"{unknown[0]}: no reader for '{unknown[0].suffix or '(no extension)'}'; set reader: to one "
-                               "of jsonl, json, csv, tsv, parquet, text, xml"])
+            office = " (a spreadsheet or document: export it as CSV or text first)" if unknown[0].suffix.lower() in _OFFICE else ""
+            raise RecipeError([f"{unknown[0]}: no reader for '{unknown[0].suffix or '(no extension)'}'{office}; set reader: "
+                               "to one of jsonl, json, csv, tsv, parquet, text, xml"])
     return files
 
 
