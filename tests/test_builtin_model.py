@@ -113,7 +113,7 @@ def test_quickstart_merge_export_gguf_then_eval_end_to_end(builtin_folder, tmp_p
     quickstart = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
     runner = CliRunner()
     steps = [
-        ["train", str(quickstart), "--run-dir", str(tmp_path / "run"), "--set", "train.max_steps=2",
+        ["train", str(quickstart), "--run-dir", str(tmp_path / "run"), "--set", "train.epochs=null", "--set", "train.max_steps=2",
          "--set", "train.micro_batch_size=4"],
         ["merge", str(tmp_path / "run")],
         ["export", str(tmp_path / "run" / "merged"), "--out", str(tmp_path / "model.gguf")],
