@@ -185,20 +185,25 @@ TEXT_NOTE = ("generation: 4 of 4 examples are windows of plain text (format text
              "scored by answer loss and perplexity only, not by exact match, F1 or ROUGE-L")
 
 
-@pytest.fixture(scope="module", params=list(_FORMATS))
-def format_run(request, tmp_path_factory, tiny_model_dir):
-    """(format, run directory, recipe) of a one-step run on 8 training and 4 held-out records of one format."""
-    fmt = request.param
+def one_step_run(folder, fmt: str, model_dir, train_keys: str = "") -> tuple:
+    """(run directory, recipe) of a one-step run on 8 training and 4 held-out records of one format."""
     row, source = _FORMATS[fmt]
-    folder = tmp_path_factory.mktemp(fmt)
     write_jsonl(folder / "train.jsonl", [row(i) for i in range(8)])
     write_jsonl(folder / "eval.jsonl", [row(i) for i in range(8, 12)])
     recipe = folder / "r.yaml"
-    recipe.write_text(f"model:\n  path: {tiny_model_dir}\nlora:\n  r: 4\ndata:\n  train:\n    path: train.jsonl\n    {source}\n"
+    recipe.write_text(f"model:\n  path: {model_dir}\nlora:\n  r: 4\ndata:\n  train:\n    path: train.jsonl\n    {source}\n"
                       f"  eval:\n    path: eval.jsonl\n    {source}\n  max_length: 96\n  max_overlap: 1.0\n"
-                      "train:\n  precision: fp32\n  max_steps: 1\n  micro_batch_size: 4\n")
+                      f"train:\n  precision: fp32\n  max_steps: 1\n{train_keys}")
     train(load_recipe(recipe), fmt, run_dir=folder / "run")
-    return fmt, folder / "run", recipe
+    return folder / "run", recipe
+
+
+@pytest.fixture(scope="module", params=list(_FORMATS))
+def format_run(request, tmp_path_factory, tiny_model_dir):
+    """(format, run directory, recipe) of a one-step run of one format."""
+    run, recipe = one_step_run(tmp_path_factory.mktemp(request.param), request.param, tiny_model_dir,
+                               "  micro_batch_size: 4\n")
+    return request.param, run, recipe
 
 
 def _eval(target, out, *args):
@@ -231,15 +236,8 @@ def test_eval_scores_every_format_with_and_without_generation(format_run, tiny_m
 
 def test_a_text_run_merges_and_its_merged_folder_evaluates(tmp_path, tiny_model_dir):
     """Merge's parity check fed the empty prompt of a text window to the model (a crash); it checks whole windows."""
-    row, source = _FORMATS["text"]
-    write_jsonl(tmp_path / "train.jsonl", [row(i) for i in range(8)])
-    write_jsonl(tmp_path / "eval.jsonl", [row(i) for i in range(8, 12)])
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"model:\n  path: {tiny_model_dir}\ndata:\n  train:\n    path: train.jsonl\n    {source}\n"
-                      f"  eval:\n    path: eval.jsonl\n    {source}\n  max_length: 96\n  max_overlap: 1.0\n"
-                      "train:\n  precision: fp32\n  max_steps: 1\n")
-    train(load_recipe(recipe), "t", run_dir=tmp_path / "run")
-    merged = CliRunner().invoke(app, ["merge", str(tmp_path / "run"), "--out", str(tmp_path / "m")])
+    run, recipe = one_step_run(tmp_path, "text", tiny_model_dir)
+    merged = CliRunner().invoke(app, ["merge", str(run), "--out", str(tmp_path / "m")])
     assert merged.exit_code == 0, merged.output
     assert json.loads((tmp_path / "m" / "merge_report.json").read_text())["prompts"] == 4
     report, _ = _eval(tmp_path / "m", tmp_path / "e", "--data", str(recipe))
