@@ -71,6 +71,16 @@ def resolve(spec: ModelSpec, say: Callable[[str], None] = print) -> str:
     return spec.path
 
 
+def needs_conversion(spec: ModelSpec) -> bool:
+    """True when resolve() would fetch or convert the model (a builtin not yet in the cache), or may (a .gguf)."""
+    from llamatune.catalog import cached_path, is_cached
+
+    kind = classify(spec.path)
+    if kind == "builtin":
+        return not is_cached(cached_path(spec.path))
+    return kind == "gguf"  # its cache key is the file's sha256: reading the data twice costs less than hashing it twice
+
+
 def load_tokenizer(ref: str, revision: str | None = None, trust_remote_code: bool = False):
     """Loads the tokenizer and makes sure it can pad (the chat template is the data pipeline's concern)."""
     from transformers import AutoTokenizer

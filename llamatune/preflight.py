@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from llamatune import model as models
-from llamatune.data.pipeline import Datasets, build_datasets
+from llamatune.data.pipeline import Datasets, build_datasets, check_records
 from llamatune.data.readers import source_files
 from llamatune.errors import RecipeError
 from llamatune.recipe import place
@@ -86,6 +86,13 @@ def check(recipe: Recipe, source: str | None, say: Callable[[str], None] = print
         LlamatuneError: For a model or tokenizer that cannot be read.
     """
     kind = check_files(recipe, source)
+    if models.needs_conversion(recipe.model):
+        # Getting the tokenizer means fetching or converting the model first (a download, a dequantization):
+        # bad data should not wait for that, nor cost it.
+        try:
+            check_records(recipe.data)
+        except RecipeError as exc:
+            raise RecipeError(place(recipe, exc.problems), source=source) from None
     ref = models.resolve(recipe.model, say)
     tokenizer = models.load_tokenizer(ref, recipe.model.revision, recipe.model.trust_remote_code)
     try:

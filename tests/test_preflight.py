@@ -51,3 +51,18 @@ def test_target_modules_are_checked_from_the_config_without_weights(tmp_path, ti
     assert result.exit_code == 2, result.output
     assert "lora.target_modules.1 (line 4): 'vproj' not in model; linear layers: down_proj, gate_proj, k_proj, o_proj, " \
            "q_proj, up_proj, v_proj. Did you mean 'v_proj'?" in result.output
+
+
+def test_bad_data_fails_before_an_uncached_builtin_model_is_fetched(tmp_path, monkeypatch):
+    empty = tmp_path / "empty-cache"
+    empty.mkdir()
+    monkeypatch.setenv("LLAMATUNE_CACHE_DIR", str(empty))  # the builtin model is not there: resolve() would fetch it
+    write_jsonl(tmp_path / "train.jsonl", [{"question": f"q{i}", "answer": f"a{i}"} for i in range(10)])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data:\n  train:\n    path: train.jsonl\n    prompt: '{questoin}'\n    response: '{answer}'\n")
+    for command in ("validate", "train"):
+        result = CliRunner().invoke(app, [command, str(recipe), "--run-dir", str(tmp_path / "run")] if command == "train"
+                                    else [command, str(recipe)])
+        assert result.exit_code == 2, result.output
+        assert "data.train.0.prompt (line 4): field 'questoin' is in none of the 10 records" in result.output
+        assert "Fetching" not in result.output and not (empty / "models").exists()

@@ -79,18 +79,8 @@ def _build(spec: DataSpec, tokenizer, seed: int, hashes: dict[str, str]) -> Data
     """
     manifest: dict = {"sources": [], "seed": seed, "notes": []}
     problems: list[str] = []
-    max_chars = spec.max_length * longest_token_chars(tokenizer)
-
-    def render(split: str, sources: tuple[SourceSpec, ...]) -> list[_Item]:
-        return [item for k, source in enumerate(sources)
-                for item in _render_source(k, source, spec, split, manifest, hashes, problems, max_chars)]
-
-    train_items = _dedup(render("train", spec.train), spec.dedup, manifest, "train")
-    eval_items = render("eval", spec.eval) if spec.eval is not None else []
-    # Drops while rendering are already decisive (a wrong template or label set): say so before splitting.
-    problems += check_drops(manifest, spec.max_drop_fraction)
-    if problems:
-        raise RecipeError(problems)
+    train_items, eval_items = _render_all(spec, manifest, hashes, problems, spec.max_length * longest_token_chars(tokenizer))
+    train_items = _dedup(train_items, spec.dedup, manifest, "train")
     if spec.eval is not None:
         manifest["split"] = {"held_out": "eval sources"}
     else:
@@ -112,6 +102,32 @@ def _build(spec: DataSpec, tokenizer, seed: int, hashes: dict[str, str]) -> Data
     train_rows, eval_rows = rows(train, seed), rows(held_out, seed)
     manifest["totals"] = _totals(train, held_out, train_rows, spec.max_length)
     return Datasets(train=train_rows, eval=eval_rows, manifest=manifest)
+
+
+def check_records(spec: DataSpec) -> None:
+    """The data checks that need no tokenizer (reading, templates, formats, drops while rendering), so a recipe
+    whose data is wrong fails before a model is fetched or converted to get its tokenizer.
+
+    Raises:
+        RecipeError: As build_datasets would for the same problems.
+    """
+    _render_all(spec, {"sources": [], "notes": []}, cache.file_hashes(spec), [], max_chars=None)
+
+
+def _render_all(spec: DataSpec, manifest: dict, hashes: dict[str, str], problems: list[str],
+                max_chars: int | None) -> tuple[list[_Item], list[_Item]]:
+    """Every source rendered into items, drops counted; raises when rendering alone already shows a problem."""
+    def render(split: str, sources: tuple[SourceSpec, ...]) -> list[_Item]:
+        return [item for k, source in enumerate(sources)
+                for item in _render_source(k, source, spec, split, manifest, hashes, problems, max_chars)]
+
+    train_items = render("train", spec.train)
+    eval_items = render("eval", spec.eval) if spec.eval is not None else []
+    # Drops while rendering are already decisive (a wrong template or label set): say so before splitting.
+    problems += check_drops(manifest, spec.max_drop_fraction)
+    if problems:
+        raise RecipeError(problems)
+    return train_items, eval_items
 
 
 def fingerprint(manifest: dict) -> str:
@@ -141,7 +157,7 @@ def _split_by_document(items: list[_Item], fraction: float, seed: int,
 
 
 def _render_source(index: int, source: SourceSpec, spec: DataSpec, split: str, manifest: dict,
-                   hashes: dict[str, str], problems: list[str], max_chars: int) -> list[_Item]:
+                   hashes: dict[str, str], problems: list[str], max_chars: int | None) -> list[_Item]:
     key = f"data.{split}.{index}"
     notes: list[str] = []
     try:
@@ -159,7 +175,9 @@ def _render_source(index: int, source: SourceSpec, spec: DataSpec, split: str, m
     missing: Counter = Counter()
     for record in records:
         try:
-            rendered = bounded(render(source, record.fields, spec.system_prompt, labels), max_chars, spec, record.origin)
+            rendered = render(source, record.fields, spec.system_prompt, labels)
+            if max_chars is not None:
+                rendered = bounded(rendered, max_chars, spec, record.origin)
         except RecordProblem as exc:
             problems.append(f"{record.origin}{_record_id(record)}: {exc} ({key}.{exc.key})")
             break  # one is enough to show what to change; the rest say the same
