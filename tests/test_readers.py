@@ -155,3 +155,17 @@ def test_compressed_files_links_and_huge_csv_fields(tmp_path):
         records(tmp_path / "a")
     (tmp_path / "long.csv").write_text("q,a\n" + "x" * 200_000 + ",y\n")
     assert len(records(tmp_path / "long.csv")[0]["q"]) == 200_000
+
+
+def test_xml_namespaces_carriage_returns_and_saved_datasets(tmp_path):
+    (tmp_path / "ns.xml").write_text('<d:doc xmlns:d="http://example.org/d"><d:qa d:id="1"><d:q>hi</d:q></d:qa>'
+                                     '<d:qa d:id="2"><d:q>ho</d:q></d:qa></d:doc>')
+    assert records(tmp_path / "ns.xml", records="doc.qa") == [{"@id": "1", "q": "hi"}, {"@id": "2", "q": "ho"}]
+    (tmp_path / "mac.jsonl").write_bytes(b'{"q": "a"}\r{"q": "b"}\r\n{"q": "c\\r"}\r')
+    assert records(tmp_path / "mac.jsonl") == [{"q": "a"}, {"q": "b"}, {"q": "c\r"}]
+    import datasets
+
+    datasets.Dataset.from_list([{"q": "x"}, {"q": "y"}]).save_to_disk(str(tmp_path / "saved"))
+    assert records(tmp_path / "saved", reader="hub") == [{"q": "x"}, {"q": "y"}]
+    datasets.DatasetDict({"test": datasets.Dataset.from_list([{"q": "z"}])}).save_to_disk(str(tmp_path / "dd"))
+    assert records(tmp_path / "dd", reader="hub", split="test") == [{"q": "z"}]

@@ -191,7 +191,9 @@ def _text_of(path: Path, spec: SourceSpec, notes: list[str]) -> str:
 def _read_jsonl(path: Path, spec: SourceSpec, notes: list[str]) -> Iterator[Record]:
     bad = _BadRows(path)
     # "\n" only: str.splitlines would also split at \u2028 and other separators that JSON allows inside strings.
-    for lineno, line in enumerate(_text_of(path, spec, notes).split("\n"), start=1):
+    # A raw carriage return cannot be inside a JSON string, so old-Mac and Windows line ends are safe to fold.
+    text = _text_of(path, spec, notes).replace("\r\n", "\n").replace("\r", "\n")
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -347,12 +349,12 @@ def _read_xml(path: Path, spec: SourceSpec, notes: list[str]) -> Iterator[Record
         root = ET.fromstring(_text_of(path, spec, notes).encode("utf-8"))
     except ET.ParseError as exc:
         raise RecipeError([f"{path}:{exc.position[0]}: not well-formed XML ({exc})"]) from None
-    doc = {root.tag: _xml_to_dict(root)}
-    target = lookup(doc, tuple(spec.records.split("."))) if spec.records else doc[root.tag]
+    doc = {_local(root.tag): _xml_to_dict(root)}
+    target = lookup(doc, tuple(spec.records.split("."))) if spec.records else doc[_local(root.tag)]
     items = target if isinstance(target, list) else [target] if target is not None else []
     if not items:
-        raise SourceKeyError("records", f"no {spec.records!r} element path in {path} (its root is <{root.tag}>; a path "
-                             f"starts with it, e.g. {root.tag}.item)")
+        raise SourceKeyError("records", f"no {spec.records!r} element path in {path} (its root is <{_local(root.tag)}>; a "
+                             f"path starts with it, e.g. {_local(root.tag)}.item)")
     for i, item in enumerate(items):
         yield Record(fields=item if isinstance(item, dict) else {"text": item}, origin=f"{path}[{i}]", document=str(path))
 
@@ -362,23 +364,33 @@ def _xml_to_dict(el) -> dict | str:
     children = list(el)
     if not children and not el.attrib:
         return (el.text or "").strip()
-    out: dict = {f"@{k}": v for k, v in el.attrib.items()}
+    out: dict = {f"@{_local(k)}": v for k, v in el.attrib.items()}
     for child in children:
-        value = _xml_to_dict(child)
-        if child.tag in out:
-            out[child.tag] = (out[child.tag] if isinstance(out[child.tag], list) else [out[child.tag]]) + [value]
+        value, tag = _xml_to_dict(child), _local(child.tag)
+        if tag in out:
+            out[tag] = (out[tag] if isinstance(out[tag], list) else [out[tag]]) + [value]
         else:
-            out[child.tag] = value
+            out[tag] = value
     if (el.text or "").strip():
         out["text"] = el.text.strip()
     return out
+
+
+def _local(tag: str) -> str:
+    """A tag without its XML namespace ('{http://...}Document' → 'Document'): templates can name it."""
+    return tag.rsplit("}", 1)[-1] if isinstance(tag, str) else str(tag)
 
 
 def _read_hub(spec: SourceSpec) -> Iterator[Record]:
     import datasets
 
     try:
-        dataset = datasets.load_dataset(spec.path, split=spec.split)
+        folder = Path(spec.path)
+        if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
+            saved = datasets.load_from_disk(str(folder))  # written by save_to_disk, which load_dataset cannot read
+            dataset = saved[spec.split] if isinstance(saved, datasets.DatasetDict) else saved
+        else:
+            dataset = datasets.load_dataset(spec.path, split=spec.split)
     except Exception as exc:  # datasets raises many types; all mean "could not load this id/folder"
         raise RecipeError([f"data source {spec.path} (reader: hub, split {spec.split!r}): could not load: {exc}"]) from None
     for i, row in enumerate(dataset):
