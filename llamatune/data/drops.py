@@ -9,7 +9,7 @@ from collections import Counter
 
 from llamatune.data.fields import parse_template
 from llamatune.data.formats import Drop, Rendered, Turn
-from llamatune.data.readers import Record
+from llamatune.data.records import Record
 from llamatune.errors import RecipeError
 from llamatune.schema import DataSpec, SourceSpec
 

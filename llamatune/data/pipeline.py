@@ -13,7 +13,8 @@ from llamatune.data.drops import bounded, check_drops, count_drop, fields_nobody
 from llamatune.data.encode import Example, encode_document, encode_turns, end_of_turn_trained, set_chat_template
 from llamatune.data.formats import FORMATS, Drop, RecordProblem, Rendered, fill
 from llamatune.data.leakage import normalized_key, overlap
-from llamatune.data.readers import Record, SourceKeyError, read_source, source_files
+from llamatune.data.readers import read_source, source_files
+from llamatune.data.records import Record, SourceKeyError
 from llamatune.errors import RecipeError
 from llamatune.schema import DataSpec, SourceSpec
 

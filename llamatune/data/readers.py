@@ -10,11 +10,11 @@ import csv
 import difflib
 import glob
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 from llamatune.data.fields import lookup
+from llamatune.data.records import MAX_LISTED, BadRows, Record, SourceKeyError, kind, no_constant, short, text_of
 from llamatune.errors import RecipeError
 from llamatune.schema import SourceSpec
 
@@ -22,26 +22,6 @@ _BY_SUFFIX = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", 
               ".txt": "text", ".md": "text", ".xml": "xml"}
 _COMPRESSED = {".gz": "gunzip", ".bz2": "bunzip2", ".xz": "unxz", ".zst": "unzstd", ".zip": "unzip", ".7z": "7z x"}
 _OFFICE = {".xlsx", ".xls", ".ods", ".docx", ".doc", ".odt", ".pdf", ".numbers"}
-_MAX_LISTED = 10  # malformed rows listed per file; the rest are counted
-_UTF8 = {"utf-8", "utf8", "utf_8"}
-
-
-class SourceKeyError(RecipeError):
-    """A problem that a key of the source (records, explode, encoding) must fix: the pipeline prefixes the
-    source's dotted key, so the message names e.g. data.train.0.records."""
-
-    def __init__(self, key: str, problem: str):
-        super().__init__([problem])
-        self.key = key
-
-
-@dataclass(frozen=True)
-class Record:
-    """One source record: its fields and a human-readable origin ("file:line", "file[key]")."""
-
-    fields: dict
-    origin: str
-    document: str  # split unit: exploded questions or text windows of one document share it
 
 
 def source_files(spec: SourceSpec) -> list[Path]:
@@ -149,7 +129,7 @@ def _explode(record: Record, field: str | None) -> Iterator[Record]:
     if isinstance(items, dict):
         items = [items]  # XML: an element that occurs once is not a list
     if not isinstance(items, list):
-        raise SourceKeyError("explode", f"{record.origin}: field {field!r} is {_kind(items)}, not a list to make one "
+        raise SourceKeyError("explode", f"{record.origin}: field {field!r} is {kind(items)}, not a list to make one "
                              "record per item of; point explode at a list field")
     for i, item in enumerate(items):
         yield Record(fields=_replace(record.fields, keys, item), origin=f"{record.origin}.{field}[{i}]",
@@ -162,42 +142,16 @@ def _replace(obj: dict, keys: tuple[str, ...], value) -> dict:
     return out
 
 
-def _text_of(path: Path, spec: SourceSpec, notes: list[str]) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise RecipeError([f"{path}: cannot be read ({exc.strerror})"]) from None
-    if data.startswith(b"version https://git-lfs.github.com/spec/"):
-        raise RecipeError([f"{path}:1: a Git LFS pointer, not the data itself ({len(data)} bytes); fetch the real file "
-                           "with `git lfs pull` (or download it again)"])
-    if data[:2] in (b"\xff\xfe", b"\xfe\xff") and spec.encoding.lower() in _UTF8:
-        raise RecipeError([f"{path}:1: starts with a UTF-16 byte-order mark, but the source's encoding is "
-                           f"{spec.encoding}; set encoding: utf-16 on the source, or re-save the file as UTF-8"])
-    if data.startswith(b"\xef\xbb\xbf") and spec.encoding.lower() in _UTF8:
-        # Excel and Notepad write one; left in, it would become part of the first column's name.
-        notes.append(f"{path}: starts with a UTF-8 byte-order mark; stripped")
-        data = data[3:]
-    try:
-        return data.decode(spec.encoding)
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise RecipeError([f"{path}:{line}: not valid {spec.encoding} at byte offset {exc.start} (byte "
-                           f"{data[exc.start]:#04x}); set the source's encoding: (e.g. latin-1, cp1252) or re-encode the file"]) from None
-    except LookupError:
-        raise SourceKeyError("encoding", f"unknown encoding {spec.encoding!r} (for {path}); e.g. utf-8, latin-1, "
-                             "cp1252, utf-16") from None
-
-
 def _read_jsonl(path: Path, spec: SourceSpec, notes: list[str]) -> Iterator[Record]:
-    bad = _BadRows(path)
+    bad = BadRows(path)
     # "\n" only: str.splitlines would also split at \u2028 and other separators that JSON allows inside strings.
     # A raw carriage return cannot be inside a JSON string, so old-Mac and Windows line ends are safe to fold.
-    text = _text_of(path, spec, notes).replace("\r\n", "\n").replace("\r", "\n")
+    text = text_of(path, spec, notes).replace("\r\n", "\n").replace("\r", "\n")
     for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line, parse_constant=_no_constant)
+            obj = json.loads(line, parse_constant=no_constant)
         except json.JSONDecodeError as exc:
             bad.add(lineno, f"not valid JSON ({exc.msg} at column {exc.colno})")
             continue
@@ -208,50 +162,16 @@ def _read_jsonl(path: Path, spec: SourceSpec, notes: list[str]) -> Iterator[Reco
             bad.add(lineno, "nested too deeply to read (thousands of levels)")
             continue
         if not isinstance(obj, dict):
-            bad.add(lineno, f"expected a JSON object per line, got {_kind(obj)}")
+            bad.add(lineno, f"expected a JSON object per line, got {kind(obj)}")
             continue
         if not bad:
             yield Record(fields=obj, origin=f"{path}:{lineno}", document=f"{path}:{lineno}")
     bad.check("a JSON object per line, each on one line")
 
 
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON (write null, or a number)")
-
-
-class _BadRows:
-    """Collects every malformed row of a file, so one error lists them all (the first _MAX_LISTED, then a count)."""
-
-    def __init__(self, path: Path):
-        self.path, self.rows = path, []
-
-    def __bool__(self) -> bool:
-        return bool(self.rows)
-
-    def add(self, line: int, what: str) -> None:
-        self.rows.append(f"{self.path}:{line}: {what}")
-
-    def check(self, expected: str) -> None:
-        if not self.rows:
-            return
-        shown = self.rows[:_MAX_LISTED]
-        more = [f"... and {len(self.rows) - len(shown)} more malformed rows in {self.path}"] if len(self.rows) > len(shown) else []
-        raise RecipeError(shown + more + [f"{self.path}: {len(self.rows)} malformed row(s); expected {expected}"])
-
-
-def _short(value) -> str:
-    text = json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _kind(value) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(value), f"a {type(value).__name__}")
-
-
 def _read_json(path: Path, spec: SourceSpec, notes: list[str]) -> Iterator[Record]:
     try:
-        doc = json.loads(_text_of(path, spec, notes), parse_constant=_no_constant)
+        doc = json.loads(text_of(path, spec, notes), parse_constant=no_constant)
     except json.JSONDecodeError as exc:
         hint = "; one JSON object per line is JSON Lines: name the file .jsonl" if exc.msg == "Extra data" else ""
         raise RecipeError([f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}){hint}"]) from None
@@ -263,7 +183,7 @@ def _read_json(path: Path, spec: SourceSpec, notes: list[str]) -> Iterator[Recor
     if spec.records:
         doc = lookup(doc, tuple(spec.records.split(".")))
         if doc is None:
-            keys = "keys: " + ", ".join(list(top)[:12]) if isinstance(top, dict) else f"the top level is {_kind(top)}"
+            keys = "keys: " + ", ".join(list(top)[:12]) if isinstance(top, dict) else f"the top level is {kind(top)}"
             raise SourceKeyError("records", f"no {spec.records!r} in {path} ({keys})")
     where = f"the list at records: {spec.records!r}" if spec.records else "a list"
     if isinstance(doc, dict):
@@ -279,28 +199,28 @@ def _read_json(path: Path, spec: SourceSpec, notes: list[str]) -> Iterator[Recor
         for key, value in doc.items():
             yield Record(fields={"id": key, **value}, origin=f"{path}[{key}]", document=f"{path}[{key}]")
     elif isinstance(doc, list):
-        bad = [f"{path}[{i}]: expected an object, got {_kind(v)}" for i, v in enumerate(doc) if not isinstance(v, dict)]
+        bad = [f"{path}[{i}]: expected an object, got {kind(v)}" for i, v in enumerate(doc) if not isinstance(v, dict)]
         if bad:
-            raise RecipeError(bad[:_MAX_LISTED] + [f"{path}: {len(bad)} of {len(doc)} items of {where} are not objects"])
+            raise RecipeError(bad[:MAX_LISTED] + [f"{path}: {len(bad)} of {len(doc)} items of {where} are not objects"])
         notes.append(f"{path}: {where} of {len(doc)} records")
         for i, value in enumerate(doc):
             yield Record(fields=value, origin=f"{path}[{i}]", document=f"{path}[{i}]")
     else:
-        raise RecipeError([f"{path}: expected a list of records or a mapping id -> record, got {_kind(doc)} {_short(doc)}"])
+        raise RecipeError([f"{path}: expected a list of records or a mapping id -> record, got {kind(doc)} {short(doc)}"])
 
 
 def _read_delimited(path: Path, spec: SourceSpec, notes: list[str], delimiter: str) -> Iterator[Record]:
     # Python's csv refuses fields over 128 KiB; a long contract or abstract is data, and huge records are
     # bounded later by characters (pipeline), so the limit is raised rather than a traceback shown.
     csv.field_size_limit(2**31 - 1)
-    text = _text_of(path, spec, notes)
+    text = text_of(path, spec, notes)
     if "\x00" in text:
         line = text[: text.index("\x00")].count("\n") + 1
         raise RecipeError([f"{path}:{line}: a NUL byte: this is a binary file, or UTF-16 text read as "
                            f"{spec.encoding} (then set encoding: utf-16 on the source)"])
     # csv handles quoting (doubled quotes, delimiters and newlines inside quotes); line.split would not.
     reader = csv.reader(text.splitlines(keepends=True), delimiter=delimiter)
-    bad = _BadRows(path)
+    bad = BadRows(path)
     try:
         header = next(reader, None)
         if not header:
@@ -338,7 +258,7 @@ def _read_parquet(path: Path, spec: SourceSpec, notes: list[str]) -> Iterator[Re
 
 
 def _read_text(path: Path, spec: SourceSpec, notes: list[str]) -> Iterator[Record]:
-    yield Record(fields={"text": _text_of(path, spec, notes), "path": str(path), "name": path.stem},
+    yield Record(fields={"text": text_of(path, spec, notes), "path": str(path), "name": path.stem},
                  origin=str(path), document=str(path))
 
 
@@ -346,7 +266,7 @@ def _read_xml(path: Path, spec: SourceSpec, notes: list[str]) -> Iterator[Record
     import xml.etree.ElementTree as ET
 
     try:
-        root = ET.fromstring(_text_of(path, spec, notes).encode("utf-8"))
+        root = ET.fromstring(text_of(path, spec, notes).encode("utf-8"))
     except ET.ParseError as exc:
         raise RecipeError([f"{path}:{exc.position[0]}: not well-formed XML ({exc})"]) from None
     doc = {_local(root.tag): _xml_to_dict(root)}
