@@ -159,3 +159,24 @@ def test_unreadable_file_and_read_only_folder(pristine, tmp_path):
         _fails_cleanly(CliRunner().invoke(app, ["merge", str(pristine["run"]), "--out", str(locked / "m")]), "is not writable")
     finally:
         locked.chmod(0o755)
+
+
+@pytest.mark.parametrize("command", ["eval", "merge"])
+def test_an_adapter_whose_base_was_replaced_says_so(command, pristine, tmp_path, tiny_model_dir):
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    other = tmp_path / "other-model"  # same tokenizer, other shapes: the adapter's tensors cannot load into it
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.hidden_size, config.intermediate_size = 32, 64
+    LlamaForCausalLM(config).save_pretrained(other)
+    for path in tiny_model_dir.iterdir():
+        if path.name.startswith("tokenizer") or path.suffix == ".jinja":
+            shutil.copy(path, other / path.name)
+    run = tmp_path / "run"
+    shutil.copytree(pristine["run"], run)
+    recipe = run / "recipe.yaml"
+    recipe.write_text(recipe.read_text().replace(str(tiny_model_dir), str(other)))
+    args = ["eval", str(run), "--no-generate", "--out", str(tmp_path / "e")] if command == "eval" else ["merge", str(run)]
+    result = CliRunner().invoke(app, args)
+    _fails_cleanly(result, "does not fit the base model")
+    assert "was the base model (model.path in" in result.output

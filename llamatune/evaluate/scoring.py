@@ -17,7 +17,7 @@ from typing import Any, Callable
 from llamatune import model as models
 from llamatune.data.batches import collate, unpacked
 from llamatune.data.encode import IGNORE_INDEX, Example
-from llamatune.errors import RecipeError
+from llamatune.errors import LlamatuneError, RecipeError
 from llamatune.evaluate.metrics import exact_match, rouge_l, token_f1
 
 
@@ -70,7 +70,13 @@ def with_adapter(base, run: Path):
 
     from llamatune.artifacts.files import FIX_RUN, opened
 
-    return opened(partial(PeftModel.from_pretrained, base, str(run / "adapter")), run / "adapter", "adapter", FIX_RUN)
+    try:
+        return opened(partial(PeftModel.from_pretrained, base, str(run / "adapter")), run / "adapter", "adapter", FIX_RUN)
+    except (RuntimeError, ValueError, KeyError) as exc:  # whole files that do not fit: shapes or module names differ
+        first = str(exc).strip().splitlines()[0][:300]
+        raise LlamatuneError(f"the adapter in {run / 'adapter'} does not fit the base model {base.name_or_path} ({first}); "
+                             f"was the base model (model.path in {run / 'recipe.yaml'}) replaced since training? Point "
+                             "model.path at the model the run was trained on") from None
 
 
 def _padded(tokenizer):
