@@ -50,6 +50,13 @@ def opened(load: Callable[[], T], folder: Path, kind: Kind, fix: str) -> T:
         if problem is None:
             raise
         raise LlamatuneError(f"{problem}; {fix}") from exc
+    except Exception as exc:
+        # The tokenizers library (Rust) raises a bare Exception for a tokenizer.json that is JSON but not a
+        # tokenizer; nothing else in a tokenizer load does.
+        if kind != "tokenizer" or type(exc) is not Exception:
+            raise
+        raise LlamatuneError(f"{Path(folder) / 'tokenizer.json'} is JSON but not a tokenizer the tokenizers library "
+                             f"can read ({exc}); {fix}") from None
 
 
 def run_dir_problem(run: Path) -> str | None:
