@@ -50,12 +50,12 @@ def main(
     """Fine-tune Llama-family models with LoRA/QLoRA."""
 
 
-def _use_recipe(recipe: Path, overrides: Optional[List[str]]):
+def _use_recipe(recipe: Path, overrides: Optional[List[str]], saved: bool = False):
     """Loads the recipe and hands its redactor to the consoles, so nothing printed from here on shows a
     value taken from the environment."""
     from llamatune.recipe import load_recipe, redactor_of
 
-    parsed = load_recipe(recipe, overrides or [])
+    parsed = load_recipe(recipe, overrides or [], saved=saved)
     out.redactor = err.redactor = redactor_of(parsed)
     return parsed
 
@@ -65,7 +65,7 @@ def _use_run(path: Path) -> None:
     does not is the command's to report)."""
     if (path / "recipe.yaml").is_file():
         try:
-            _use_recipe(path / "recipe.yaml", [])
+            _use_recipe(path / "recipe.yaml", [], saved=True)
         except LlamatuneError:
             pass
 

@@ -42,13 +42,14 @@ _MOVED = {
 }
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] = (), saved: bool = False) -> Recipe:
     """Reads, resolves and validates a recipe file.
 
     Args:
         path: YAML recipe file.
         overrides: `key.sub=value` strings; values are parsed as YAML. Relative paths in
             overrides are relative to the current directory.
+        saved: The file is a run directory's recipe.yaml, written by llamatune (perhaps an older version).
 
     Returns:
         The validated, frozen recipe with absolute data paths.
@@ -76,6 +77,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     # YAML keeps the last of two equal keys without a word: a silent override, so it is an error here.
     problems: list[str] = [f"{'.'.join(key)} (line {second}): set twice in one mapping, first at line {first}; "
                            "YAML would silently keep the last one: delete one of them" for key, first, second in duplicates]
+    if saved:
+        _upgrade_saved(raw)
     from_cli: set[tuple] = set()
     lines = _normalize_sources(raw, lines)
     for item in overrides:
@@ -88,6 +91,14 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     secrets: list[tuple[str, str]] = []
     resolve_paths(raw, path.parent, from_cli, problems, secrets)
     return _validate(raw, lines, str(path), problems, Redactor.of(secrets), written)
+
+
+def _upgrade_saved(raw: dict) -> None:
+    """llamatune 0.2.0 wrote the default `epochs: 1` beside `max_steps` in every run's recipe.yaml; both set is now
+    an error, so such a run's epochs is read as unset (max_steps always decided its length)."""
+    train = raw.get("train")
+    if isinstance(train, dict) and train.get("max_steps") is not None and train.get("epochs") == 1:
+        train["epochs"] = None
 
 
 def place(recipe: Recipe, problems: list[str]) -> list[str]:

@@ -108,3 +108,10 @@ def test_yaml_booleans_in_string_fields_get_a_quoting_hint(tmp_path):
     found = problems_of(path)
     assert found[0] == ("data.train.0.labels.0 (line 5): Input should be a valid string (written yes, which YAML reads "
                         'as the boolean True); quote it: "yes"')
+
+
+def test_a_run_recipe_written_by_0_2_0_with_epochs_and_max_steps_still_loads(tmp_path):
+    path = write(tmp_path, "data:\n  train: train.jsonl\ntrain:\n  epochs: 1\n  max_steps: 4\n")
+    assert "both are set" in problems_of(path)[0]  # written by a user: an error
+    recipe = load_recipe(path, saved=True)  # written by llamatune 0.2.0 into a run directory: max_steps decided
+    assert recipe.train.epochs is None and recipe.train.max_steps == 4

@@ -44,7 +44,7 @@ def merge(run_dir: Path, out: Path | None = None, dtype: str = "fp32", verify: b
     check_output(out, "--out")  # before the lock, which creates out's parent folders
     with lock.hold(out, "merging"):
         check_output(out, "--out")  # again: a merge that finished while we waited for the lock wrote it
-        recipe = load_recipe(run_dir / "recipe.yaml")
+        recipe = load_recipe(run_dir / "recipe.yaml", saved=True)
         merged, tokenizer, report = _merged_model(run_dir, recipe, dtype, verify, say)
         # A fixed staging name, safe because the lock keeps every other writer of `out` away; so a staging
         # folder left by a killed merge is known for what it is and removed here.

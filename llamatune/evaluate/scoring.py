@@ -45,7 +45,7 @@ def load_target(path: Path, say: Callable[[str], None] = print) -> Target:
     if target_kind(path) == "run":
         from llamatune.recipe import load_recipe
 
-        recipe = load_recipe(path / "recipe.yaml")
+        recipe = load_recipe(path / "recipe.yaml", saved=True)
         tokenizer = run_tokenizer(path)  # before the weights: the cheap file first
         base = models.load_base(models.resolve(recipe.model, say), recipe.model, recipe.quantization)
         return Target(with_adapter(base, path).eval(), _padded(tokenizer), True, str(path), recipe)

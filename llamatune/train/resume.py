@@ -109,7 +109,7 @@ def restored_counters(state: dict) -> dict:
 
 def check_unchanged(run_dir: Path, recipe: Recipe, force: bool, say) -> None:
     """Refuses to resume when the recipe differs from the one the run was started with."""
-    saved = load_recipe(run_dir / "recipe.yaml")
+    saved = load_recipe(run_dir / "recipe.yaml", saved=True)
     changes = _diff(saved.model_dump(mode="json"), recipe.model_dump(mode="json"))
     if not changes:
         return
