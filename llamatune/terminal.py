@@ -40,6 +40,7 @@ def run(fn: Callable[[], None]) -> None:
     An OSError that names a file (permission denied, a folder where a file was expected, a full disk) is the
     user's to fix, whichever library raised it. Anything else is a bug: its traceback is shown, then how to report it.
     """
+    out.redactor = err.redactor = Redactor()  # each command starts clean; loading its recipe sets them
     try:
         fn()
     except LlamatuneError as exc:
