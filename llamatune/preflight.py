@@ -30,7 +30,6 @@ class Checked:
     kind: str  # builtin | gguf | folder | hub
     tokenizer: Any  # with the recipe's chat template applied
     data: Datasets
-    linear_modules: list[str]
 
 
 def check_files(recipe: Recipe, source: str | None) -> str:
@@ -104,7 +103,7 @@ def check(recipe: Recipe, source: str | None, say: Callable[[str], None] = print
     problems = models.target_module_problems(recipe.lora, modules)
     if problems:
         raise RecipeError(place(recipe, problems), source=source)
-    return Checked(ref=ref, kind=kind, tokenizer=tokenizer, data=data, linear_modules=modules)
+    return Checked(ref=ref, kind=kind, tokenizer=tokenizer, data=data)
 
 
 def show_data(manifest: dict, say: Callable[[str], None]) -> None:
