@@ -104,8 +104,12 @@ def _upgrade_saved(raw: dict) -> None:
 def place(recipe: Recipe, problems: list[str]) -> list[str]:
     """Adds the recipe line to problems found after loading that start with a dotted key
     ("data.train.0.path: ..." becomes "data.train.0.path (line 7): ..."), and hides secrets."""
-    lines = recipe._provenance.lines if recipe._provenance else {}
-    return [redactor_of(recipe).text(_placed(p, lines)) for p in problems]
+    return _shown(problems, recipe._provenance.lines if recipe._provenance else {}, redactor_of(recipe))
+
+
+def _shown(problems: list[str], lines: dict[tuple, int | str], redactor: Redactor) -> list[str]:
+    """Problems as the user sees them: each bare dotted key given its line, every secret hidden."""
+    return [redactor.text(_placed(p, lines)) for p in problems]
 
 
 def _short(value: Any) -> str:
@@ -182,7 +186,7 @@ def _validate(raw: dict, lines: dict[tuple, int | str], source: str | None, prob
         problems += [_describe(err, lines, written or {}) for err in exc.errors()]
         recipe = None
     if problems:
-        raise RecipeError([redactor.text(_placed(p, lines)) for p in problems], source=source)
+        raise RecipeError(_shown(problems, lines, redactor), source=source)
     recipe._provenance = Provenance(lines=lines, redactor=redactor)
     return recipe
 
