@@ -15,19 +15,19 @@ from typing import Any
 from rich.console import Console
 
 from llamatune import lock, preflight
-from llamatune.train import checkpoint
 from llamatune import model as models
-from llamatune.train import resume as resume_from
-from llamatune.data.pipeline import fingerprint
+from llamatune.artifacts.serving import vllm_lora_check
 from llamatune.data.batches import collate, epoch_order, eval_order
 from llamatune.data.encode import IGNORE_INDEX
+from llamatune.data.pipeline import fingerprint
+from llamatune.errors import LlamatuneError, RecipeError
 from llamatune.memory import active_allocator, peak_rss_gib
-from llamatune.train.plot import write_loss_curve
-from llamatune.train.progress import TrainProgress
-from llamatune.artifacts.serving import vllm_lora_check
 from llamatune.recipe import Recipe, recipe_to_yaml, redactor_of
 from llamatune.secrets import scrub
-from llamatune.errors import LlamatuneError, RecipeError
+from llamatune.train import checkpoint
+from llamatune.train import resume as resume_from
+from llamatune.train.plot import write_loss_curve
+from llamatune.train.progress import TrainProgress
 from llamatune.train.rundir import MetricsLog, start_run_dir, write_manifest, write_summary
 
 
