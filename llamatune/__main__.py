@@ -4,8 +4,8 @@ import os
 import sys
 
 from llamatune.cli import app
-from llamatune.terminal import err
 from llamatune.memory import ALLOCATOR_ENV, PRELOADED, preload_environment
+from llamatune.terminal import err
 
 
 def entry() -> None:

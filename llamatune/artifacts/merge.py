@@ -14,10 +14,10 @@ from typing import Callable
 
 from llamatune import model as models
 from llamatune import strictjson
-from llamatune.train.checkpoint import fault
 from llamatune.errors import LlamatuneError
 from llamatune.recipe import load_recipe, redactor_of
 from llamatune.secrets import scrub
+from llamatune.train.checkpoint import fault
 
 # Largest acceptable disagreement between base+adapter and the merged model, by output dtype.
 THRESHOLDS = {"fp32": {"max_abs_logit": 1e-3}, "bf16": {"mean_kl": 2e-2}, "fp16": {"mean_kl": 2e-3}}

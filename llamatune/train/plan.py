@@ -21,8 +21,8 @@ import math
 import sys
 from dataclasses import dataclass, field
 
-from llamatune.train.loss import CHUNK_ELEMENTS
 from llamatune.memory import training_uses_tcmalloc
+from llamatune.train.loss import CHUNK_ELEMENTS
 
 GiB = 2**30
 # Peak RSS minus every other part, over the activations part, under tcmalloc on a 2-core AVX2 CPU in fp32:

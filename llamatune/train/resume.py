@@ -8,11 +8,11 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamatune.train import checkpoint
 from llamatune.errors import LlamatuneError, RecipeError
 from llamatune.recipe import load_recipe
-from llamatune.train.rundir import check_unused, finished_summary, run_dir_path
 from llamatune.schema import Recipe
+from llamatune.train import checkpoint
+from llamatune.train.rundir import check_unused, finished_summary, run_dir_path
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request with a complete checkpoint; run again with --resume auto
 

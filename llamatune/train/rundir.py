@@ -24,9 +24,9 @@ from importlib import metadata
 from pathlib import Path
 
 from llamatune import strictjson
-from llamatune.train import checkpoint
 from llamatune.errors import RecipeError
 from llamatune.recipe import Recipe, recipe_to_yaml
+from llamatune.train import checkpoint
 
 _VERSIONED = ("llamatune", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets")
 
