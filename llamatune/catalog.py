@@ -9,6 +9,7 @@ conversion serves any user-supplied .gguf file.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import struct
@@ -27,6 +28,12 @@ from llamatune.fingerprint import sha256_file
 
 CACHE_ENV = "LLAMATUNE_CACHE_DIR"
 _MARKER = "llamatune_source.json"  # written last: a folder without it is an interrupted conversion
+# Bumped when a conversion would now come out differently; an older cached folder is converted again.
+# 2: the tokenizer splits text as the GGUF's tokenizer.ggml.pre says (SmolLM's digits one by one).
+_CONVERSION = 2
+# llama.cpp pre-tokenizers that split every digit off before the GPT-2 split; transformers' GGUF loader
+# rebuilds them as the GPT-2 split alone, so " ½" or " ٣" would be tokenized unlike the model's training.
+_DIGITS_FIRST = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b", "mellum2"}
 
 
 @dataclass(frozen=True)
@@ -71,8 +78,11 @@ def cached_gguf_path(path: Path, digest: str) -> Path:
 
 
 def is_cached(folder: Path) -> bool:
-    """True if `folder` holds a finished conversion."""
-    return (folder / _MARKER).is_file()
+    """True if `folder` holds a finished conversion made the way this version converts."""
+    try:
+        return json.loads((folder / _MARKER).read_text()).get("conversion") == _CONVERSION
+    except (OSError, ValueError, AttributeError):  # missing (interrupted), unreadable, or not an object
+        return False
 
 
 def ensure_builtin(name: str, say: Callable[[str], None] = print) -> Path:
@@ -134,6 +144,7 @@ def convert_gguf(gguf: Path, target: Path, source: dict, digest: str | None = No
     try:
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        _split_like_llama_cpp(tokenizer, gguf)
     except (ValueError, KeyError, OSError, struct.error) as exc:  # what the gguf reader raises on a cut-short or foreign file
         raise LlamatuneError(f"{gguf_problem(gguf, exc)}; {FIX_GGUF}") from exc
     config = loaded.config.to_dict()
@@ -146,13 +157,25 @@ def convert_gguf(gguf: Path, target: Path, source: dict, digest: str | None = No
     try:
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        meta = {**source, "gguf_sha256": digest or sha256_file(gguf)}
+        meta = {**source, "gguf_sha256": digest or sha256_file(gguf), "conversion": _CONVERSION}
         strictjson.write(staging / _MARKER, meta)
         if target.exists():  # a stale, unfinished folder (no marker): replace it
             shutil.rmtree(target)
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _split_like_llama_cpp(tokenizer, gguf: Path) -> None:
+    """Gives the converted tokenizer the pre-tokenizer the GGUF names, where transformers' loader drops a step."""
+    import gguf as gguf_py
+    from tokenizers import pre_tokenizers
+
+    field = gguf_py.GGUFReader(gguf).fields.get("tokenizer.ggml.pre")
+    pre = bytes(field.parts[field.data[0]]).decode() if field is not None else None
+    if pre in _DIGITS_FIRST and tokenizer.backend_tokenizer.pre_tokenizer.__class__.__name__ == "ByteLevel":
+        tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
 
 
 def _pip_download(requirement: str, dest: Path) -> Path:

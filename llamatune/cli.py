@@ -256,7 +256,8 @@ def merge_command(
 def export_command(
     source: Path = typer.Argument(..., help="A model folder, e.g. the output of `llamatune merge`.", show_default=False),
     fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp, LM Studio) | ollama (a folder: model.gguf + Modelfile)."),
-    quant: str = typer.Option("f16", "--quant", help="f16 | q8_0"),
+    quant: str = typer.Option("f16", "--quant", help="f16 | q8_0 | q6_k | q5_k_m | q5_k_s | q5_1 | q5_0 | q4_k_m | q4_k_s | "
+                              "q4_1 | q4_0: llama.cpp's file types, the same per-tensor mix its quantizer writes."),
     out_file: Optional[Path] = typer.Option(None, "--out", help="Output file for gguf, folder for ollama "
                                             "(default: beside SOURCE)."),
 ) -> None:
@@ -265,8 +266,15 @@ def export_command(
     def body() -> None:
         if fmt not in ("gguf", "ollama"):
             raise RecipeError([f"--format: {fmt!r} is not supported; use gguf or ollama"])
-        if quant not in ("f16", "q8_0"):
-            raise RecipeError([f"--quant: {quant!r}; choose f16 or q8_0"])
+        import difflib
+
+        from llamatune.artifacts.export import QUANTS
+
+        kind = quant.lower()
+        if kind not in QUANTS:
+            close = difflib.get_close_matches(kind.replace("-", "_"), QUANTS, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise RecipeError([f"--quant: {quant!r}; choose one of {', '.join(QUANTS)}{hint}"])
         if not (source / "config.json").is_file():
             raise RecipeError([f"{source}: not a model folder (no config.json); merge a run first: llamatune merge RUN"])
         _quiet_libraries()
@@ -274,10 +282,10 @@ def export_command(
 
         if fmt == "ollama":
             folder = out_file or source.parent / f"{source.name}-ollama"
-            export_ollama(source, folder, quant, say=out.print)
+            export_ollama(source, folder, kind, say=out.print)
             return
-        target = out_file or source.parent / f"{source.name}-{quant}.gguf"
-        export_gguf(source, target, quant, say=out.print)
+        target = out_file or source.parent / f"{source.name}-{kind}.gguf"
+        export_gguf(source, target, kind, say=out.print)
 
     _run(body)
 

@@ -44,28 +44,14 @@ def test_export_rejects_what_it_cannot_write(tiny_model_dir, tmp_path):
     assert bad.exit_code == 2 and "not supported" in bad.output
 
 
-def test_ollama_folder_has_the_gguf_and_a_modelfile_matching_the_template(tiny_model_dir, tmp_path):
+def test_ollama_folder_has_the_gguf_a_modelfile_and_the_report(tiny_model_dir, tmp_path):
     result = CliRunner().invoke(app, ["export", str(tiny_model_dir), "--format", "ollama", "--out", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
     modelfile = (tmp_path / "o" / "Modelfile").read_text()
     assert modelfile.startswith("FROM ./model.gguf\n") and 'PARAMETER stop "<|im_end|>"' in modelfile
-    assert '{{ if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n' in modelfile
-    assert modelfile.rstrip().endswith('<|im_start|>assistant\n"""\nPARAMETER stop "<|im_end|>"')
-    assert (tmp_path / "o" / "model.gguf").stat().st_size > 0 and "ollama create" in result.output
-
-
-def test_a_template_that_is_not_a_role_wrapper_is_refused(tiny_model_dir, tmp_path):
-    from transformers import AutoTokenizer
-
-    from llamatune.errors import LlamatuneError
-    from llamatune.artifacts.export import ollama_modelfile
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    tok.chat_template = "{% for m in messages %}{{ loop.index }}:{{ m['content'] }}\n{% endfor %}"  # numbers turns
-    import pytest
-
-    with pytest.raises(LlamatuneError, match="not a plain per-role wrapper"):
-        ollama_modelfile(tok, "model.gguf")
+    assert "{{ range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}" in modelfile
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["Modelfile", "export_report.json", "model.gguf"]
+    assert f"ollama create {tiny_model_dir.name.lower()} -f {(tmp_path / 'o').resolve() / 'Modelfile'}" in result.output
 
 
 def test_a_second_export_into_the_same_target_stops_at_once(tiny_model_dir, tmp_path):

@@ -10,13 +10,14 @@ the metadata, so the file is self-contained.
 
 from __future__ import annotations
 
-import json
 import os
 from functools import partial
 from pathlib import Path
 from typing import Callable
 
 from llamatune.artifacts.files import check_output, fix_for_model, opened
+from llamatune.artifacts.gguf_vocab import add_tokenizer
+from llamatune.artifacts.modelfile import ollama_modelfile, ollama_name
 from llamatune.errors import LlamatuneError
 
 _LAYER = {
@@ -24,48 +25,96 @@ _LAYER = {
     "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
     "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
 }
-QUANTS = ("f16", "q8_0")
+# What `--quant` offers: f16, and llama.cpp's file types, each the same per-tensor mix llama.cpp's quantizer
+# writes (artifacts/quants.py: the K-quant mixes give some attention-value / FFN-down layers and the output
+# head more bits, and tensors whose rows are not a multiple of 256 a 32-block type).
+QUANTS = ("f16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_k_s", "q4_1", "q4_0")
 
 
 def export_gguf(source: Path, out: Path, quant: str = "f16", say: Callable[[str], None] = print) -> Path:
     """Writes `out` (.gguf) from a Llama model folder (e.g. `llamatune merge` output), atomically, holding the
-    lock on `out` so that a second export into the same file stops at once instead of interleaving.
+    lock on `out` so that a second export into the same file stops at once instead of interleaving; and
+    `out` with the suffix `.export_report.json` beside it (see `export_report`).
 
     Raises:
         LlamatuneError: For a non-Llama model, a damaged file in `source`, an output that exists or cannot be
-            written, or another process writing it.
+            written, another process writing it, or a tokenizer llama.cpp does not reproduce.
     """
-    from llamatune import lock
+    from llamatune import lock, strictjson
 
+    report_path = out.with_name(out.stem + ".export_report.json")
     check_output(out, "--out")  # before the lock, which creates out's parent folders
+    check_output(report_path, "--out")
     with lock.hold(out, "exporting"):
         check_output(out, "--out")  # again: an export that finished while we waited wrote it
-        _write_gguf(source, out, quant)
-    say(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {quant})")
+        report = _write_gguf(source, out, quant, say)
+        strictjson.write(report_path, report)
+    _say_report(say, out, report, report_path)
     return out
 
 
-def _write_gguf(source: Path, out: Path, quant: str) -> None:
-    """Writes the GGUF file through `.NAME.partial` beside it, renamed when complete. The caller holds the lock
-    on `out`, so the fixed name is ours alone, and a partial file a killed export left is simply overwritten."""
+def _say_report(say: Callable[[str], None], out: Path, report: dict, report_path: Path) -> None:
+    from llamatune.artifacts.export_report import summary_line
+
+    say(f"wrote {out} ({quant_label(report['quant'])}: {summary_line(report)})")
+    if not report["tokenizer"]["checked"]:
+        say(f"not checked in llama.cpp: {report['tokenizer']['why']}")
+    for warning in report.get("quality", {}).get("warnings", []):
+        say(f"warning: {warning}")
+    say(f"report: {report_path}")
+
+
+def quant_label(quant: str) -> str:
+    return quant.upper() if quant != "f16" else "F16"
+
+
+def _write_gguf(source: Path, out: Path, quant: str, say: Callable[[str], None] = print) -> dict:
+    """Writes the GGUF file through `.NAME.partial` beside it, checks it (tokenizer in llama.cpp, quality
+    against the source), and renames it when both are done. The caller holds the lock on `out`, so the fixed
+    name is ours alone, and a partial file a killed export left is simply overwritten.
+
+    Returns:
+        The export report (file facts, tokenizer check, quality).
+    """
     import gguf
 
+    from llamatune.artifacts import export_report
+
     config, model, tokenizer = _open_model(source)
+    tensors = list(_tensors(model, config))
+    types = tensor_types(tensors, config, quant)
     tmp = out.parent / f".{out.name}.partial"
     try:
         writer = gguf.GGUFWriter(str(tmp), "llama")
         _add_hyperparameters(writer, source, config, quant)
-        _add_tokenizer(writer, tokenizer, config.vocab_size)
-        for name, tensor in _tensors(model, config):
-            _add_tensor(writer, name, tensor, quant)
+        add_tokenizer(writer, tokenizer, config.vocab_size)
+        for i, (name, tensor) in enumerate(tensors):
+            if i % 20 == 0 and types[name] not in ("F16", "F32"):
+                say(f"quantizing {quant_label(quant)}: tensor {i + 1}/{len(tensors)}")
+            _add_tensor(writer, name, tensor, types[name])
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        report = {"source": str(source), "quant": quant, "file": export_report.file_facts(tmp),
+                  "tokenizer": export_report.check_tokenizer(tmp, tokenizer)}
+        report["quality"] = export_report.quality(tmp, model, tokenizer, source, say)
         os.replace(tmp, out)
+        return report
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def tensor_types(tensors: list, config, quant: str) -> dict[str, str]:
+    """GGML type name per GGUF tensor name: f16 keeps norms in F32 and the rest in F16; a quant type follows
+    llama.cpp's own per-tensor mix for Llama models."""
+    if quant == "f16":
+        return {name: "F32" if data.ndim == 1 or name.endswith("norm.weight") else "F16" for name, data in tensors}
+    from llamatune.artifacts import quants
+
+    return quants.tensor_types([(name, tuple(data.shape)) for name, data in tensors], quant, config.num_hidden_layers,
+                               tied=not any(name == "output.weight" for name, _ in tensors))
 
 
 def _open_model(source: Path):
@@ -96,7 +145,7 @@ def _add_hyperparameters(writer, source: Path, config, quant: str) -> None:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant])
+    writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{quant.upper()}"))
 
 
 def _tensors(model, config):
@@ -121,137 +170,45 @@ def _permute(w, n_heads: int):
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _add_tensor(writer, name: str, data, quant: str) -> None:
+def _add_tensor(writer, name: str, data, qtype: str) -> None:
     import gguf
     import numpy as np
 
-    if data.ndim == 1 or name.endswith("norm.weight"):
+    if qtype == "F32":
         writer.add_tensor(name, data.astype(np.float32))
-    elif quant == "f16" or name in ("token_embd.weight", "output.weight"):
-        # q8_0 keeps the embedding / output head in f16 (as llama.cpp's --leave-output-tensor): with tied
-        # embeddings it produces every logit, and 8-bit rounding there flips near-tied greedy choices.
+    elif qtype == "F16":
         writer.add_tensor(name, data.astype(np.float16))
     else:
-        packed = gguf.quants.quantize(data.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
-        writer.add_tensor(name, packed, raw_shape=packed.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        from llamatune.artifacts import quants
 
-
-def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
-    """Byte-level BPE (GPT-2 style) tokens, their types, merges, special ids and the chat template."""
-    import gguf
-
-    backend = json.loads(tokenizer.backend_tokenizer.to_str())
-    if backend["model"]["type"] != "BPE":
-        raise LlamatuneError(f"tokenizer model {backend['model']['type']!r}: GGUF export supports byte-level BPE tokenizers")
-    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
-    special = set(tokenizer.all_special_ids) | {t["id"] for t in backend.get("added_tokens", []) if t.get("special")}
-    tokens, types = [], []
-    for i in range(vocab_size):
-        tokens.append(by_id.get(i, f"[PAD{i}]"))
-        types.append(gguf.TokenType.CONTROL if i in special else gguf.TokenType.USER_DEFINED if i not in by_id
-                     else gguf.TokenType.NORMAL)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in backend["model"]["merges"]]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    for setter, token_id in ((writer.add_bos_token_id, tokenizer.bos_token_id), (writer.add_eos_token_id, tokenizer.eos_token_id),
-                             (writer.add_pad_token_id, tokenizer.pad_token_id), (writer.add_unk_token_id, tokenizer.unk_token_id)):
-        if token_id is not None:
-            setter(token_id)
-    writer.add_add_bos_token(False)  # the chat template writes every special token itself
-    if tokenizer.chat_template:
-        writer.add_chat_template(tokenizer.chat_template)
+        packed = quants.quantize(data.astype(np.float32, copy=False), qtype)
+        writer.add_tensor(name, packed, raw_shape=packed.shape, raw_dtype=gguf.GGMLQuantizationType[qtype])
 
 
 def export_ollama(source: Path, folder: Path, quant: str = "f16", say: Callable[[str], None] = print) -> Path:
-    """Writes `folder` with model.gguf and a Modelfile (staging folder + rename, under the lock on `folder`), and
-    prints the create command."""
+    """Writes `folder` with model.gguf, a Modelfile and export_report.json (staging folder + rename, under the
+    lock on `folder`), and prints the create command."""
     import shutil
 
     from transformers import AutoTokenizer
 
-    from llamatune import lock
+    from llamatune import lock, strictjson
 
     check_output(folder, "--out")
     with lock.hold(folder, "exporting"):
         check_output(folder, "--out")
         tokenizer = opened(partial(AutoTokenizer.from_pretrained, source), source, "tokenizer", fix_for_model(source))
-        modelfile = ollama_modelfile(tokenizer, "model.gguf")  # fail before the big write
+        modelfile = ollama_modelfile(tokenizer, "./model.gguf")  # fail before the big write
         staging = folder.parent / f".{folder.name}.partial"  # ours alone while we hold the lock
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         try:
-            _write_gguf(source, staging / "model.gguf", quant)
+            report = _write_gguf(source, staging / "model.gguf", quant, say)
             (staging / "Modelfile").write_text(modelfile)
+            strictjson.write(staging / "export_report.json", report)
             staging.rename(folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    say(f"wrote {folder} (model.gguf {(folder / 'model.gguf').stat().st_size / 2**20:.1f} MiB, {quant}; Modelfile)")
-    say(f"ollama create {source.name.lower()} -f {folder / 'Modelfile'}")
+    _say_report(say, folder / "model.gguf", report, folder / "export_report.json")
+    say(f"ollama create {ollama_name(source)} -f {folder.resolve() / 'Modelfile'}")
     return folder
-
-
-def ollama_modelfile(tokenizer, gguf_name: str) -> str:
-    """An Ollama Modelfile whose TEMPLATE reproduces the training chat template.
-
-    The Jinja template is rendered with marker messages to recover each role's wrapper (text before
-    and after the content) and the generation prompt; the Go template is assembled from those pieces
-    and checked by rendering a multi-turn conversation both ways.
-
-    Raises:
-        LlamatuneError: If the template is not a per-role wrapper (it cannot be expressed this way).
-    """
-    wrap = {role: _wrapper(tokenizer, role) for role in ("system", "user", "assistant")}
-    gen = _render(tokenizer, [_msg("user", "U")], True)[len(_render(tokenizer, [_msg("user", "U")], False)):]
-    check = [_msg("system", "You are careful."), _msg("user", "Hi"), _msg("assistant", "Hello"), _msg("user", "Bye")]
-    expected = _render(tokenizer, check, True)
-    rebuilt = "".join(wrap[m["role"]][0] + m["content"] + wrap[m["role"]][1] for m in check) + gen
-    if rebuilt != expected:
-        raise LlamatuneError("the chat template is not a plain per-role wrapper, so it cannot be written as an Ollama "
-                             "TEMPLATE exactly; use the GGUF file with llama.cpp, which reads the template from its metadata")
-    stop = tokenizer.eos_token
-
-    def go(text: str) -> str:
-        return text.replace("{{", "{{ \"{{\" }}")
-
-    template = (
-        "{{- if .System }}" + go(wrap["system"][0]) + "{{ .System }}" + go(wrap["system"][1]) + "{{ end }}"
-        "{{ range .Messages }}{{ if eq .Role \"user\" }}" + go(wrap["user"][0]) + "{{ .Content }}" + go(wrap["user"][1])
-        + "{{ else if eq .Role \"assistant\" }}" + go(wrap["assistant"][0]) + "{{ .Content }}" + go(wrap["assistant"][1])
-        + "{{ end }}{{ end }}" + go(gen)
-    )
-    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""', f'PARAMETER stop "{stop}"']
-    default = _default_system(tokenizer, wrap)
-    if default:  # the template adds a system message when none is given: Ollama's SYSTEM does the same
-        lines.append(f'SYSTEM """{default}"""')
-    return "\n".join(lines) + "\n"
-
-
-def _default_system(tokenizer, wrap) -> str | None:
-    alone = _render(tokenizer, [_msg("user", "U")], False)
-    head, tail = wrap["system"]
-    if alone.startswith(head) and tail in alone[len(head):]:
-        return alone[len(head):].split(tail, 1)[0]
-    return None
-
-
-def _msg(role: str, content: str) -> dict:
-    return {"role": role, "content": content}
-
-
-def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
-    from llamatune.data.encode import render_chat
-
-    return render_chat(tokenizer, messages, generation_prompt)
-
-
-def _wrapper(tokenizer, role: str) -> tuple[str, str]:
-    """(text before, text after) the content of one `role` message, measured with a marker."""
-    marker = "\u2063LLAMATUNE\u2063"
-    context = [_msg("system", "S")] if role != "system" else []
-    before = _render(tokenizer, context, False) if context else ""
-    text = _render(tokenizer, context + [_msg(role, marker)], False)[len(before):]
-    head, _, tail = text.partition(marker)
-    return head, tail
