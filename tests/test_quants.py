@@ -45,7 +45,8 @@ def _llama_cpp():
                                reason="llama-cpp-python not installed: pip install -e '.[dev]' builds it")
 
 
-def write_gguf(path: Path, tensors: dict[str, np.ndarray], n_layers: int) -> Path:
+def write_gguf(path: Path, tensors: dict[str, np.ndarray], n_layers: int,
+               raw: dict[str, tuple[np.ndarray, str]] | None = None) -> Path:
     """A GGUF with just enough Llama metadata for llama.cpp's quantizer (it reads hyperparameters, not the
     vocabulary, and never builds the graph, so tensor shapes need not form a runnable model)."""
     import gguf
@@ -62,6 +63,8 @@ def write_gguf(path: Path, tensors: dict[str, np.ndarray], n_layers: int) -> Pat
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     for name, data in tensors.items():
         writer.add_tensor(name, data)
+    for name, (packed, qtype) in (raw or {}).items():  # already quantized blocks
+        writer.add_tensor(name, packed, raw_shape=packed.shape, raw_dtype=gguf.GGMLQuantizationType[qtype])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -70,13 +73,15 @@ def write_gguf(path: Path, tensors: dict[str, np.ndarray], n_layers: int) -> Pat
 
 
 def llama_cpp_quantize(src: Path, dst: Path, ftype: str, pure: bool) -> dict[str, tuple[str, np.ndarray]]:
-    """name -> (type name, packed bytes (rows, bytes_per_row)) of llama.cpp's quantization of `src`."""
+    """name -> (type name, packed bytes (rows, bytes_per_row)) of llama.cpp's quantization of `src`
+    (ftype "ALL_F32": llama.cpp's own dequantization of a quantized `src`)."""
     import gguf
 
     llama_cpp = _llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}")
+    params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_" + (ftype if ftype == "ALL_F32" else f"MOSTLY_{ftype.upper()}"))
     params.pure = pure
+    params.allow_requantize = True
     assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
     return {t.name: (t.tensor_type.name, np.array(t.data)) for t in gguf.GGUFReader(str(dst)).tensors}
 
@@ -105,6 +110,17 @@ def assert_matches(stats: dict, qtype: str) -> None:
 def test_blocks_equal_llama_cpp(qtype, tmp_path):
     x = varied(np.random.default_rng(7), rows_per_kind=3, cols=1024)
     assert_matches(compare_with_llama_cpp(x, qtype, tmp_path), qtype)
+
+
+@pytest.mark.parametrize("qtype", quants.QTYPES)
+def test_dequantize_equals_llama_cpp(qtype, tmp_path):
+    x = varied(np.random.default_rng(5), rows_per_kind=2, cols=512)
+    packed = quants.quantize(x, qtype)
+    src = write_gguf(tmp_path / "q.gguf", {}, n_layers=1, raw={"blk.0.ffn_up.weight": (packed, qtype)})
+    (got_type, theirs), = llama_cpp_quantize(src, tmp_path / "f32.gguf", "ALL_F32", pure=True).values()
+    assert got_type == "F32"
+    ours = quants.dequantize(packed, qtype, x.shape)
+    assert np.array_equal(ours.view(np.uint32), theirs.reshape(x.shape).view(np.uint32))  # bit for bit
 
 
 def test_chunks_and_threads_do_not_change_the_bytes(monkeypatch):

@@ -126,8 +126,8 @@ def dequantize(packed: np.ndarray, qtype: str, shape: tuple[int, int]) -> np.nda
 # ---------------------------------------------------------------------------------------------------------
 # Type mix. llama.cpp's quantizer (llama-quant.cpp) picks each tensor's type in four stages; for a dense Llama
 # without an importance matrix and for the file types below, they come down to these rules:
-#  1. Only tensors with at least two non-trivial dimensions whose names end in "weight" are quantized, and
-#     never a "*_norm.weight"; everything else keeps its input type (F32 here).
+#  1. Only tensors with more than one row whose names end in "weight" are quantized, and never a
+#     "*_norm.weight"; everything else keeps its input type (F32 here).
 #  2. The file type names a base type (q4_k_m -> Q4_K, ...). The output head, and the token embeddings when
 #     they are tied to it (no output.weight), get Q8_0 if their row length does not divide into base-type
 #     blocks, else Q6_K unless the base is already Q8_0.
@@ -196,7 +196,7 @@ def tensor_types(names_and_shapes: list[tuple[str, tuple[int, ...]]], ftype: str
         else:
             qtype = FTYPES[key]
         types[name] = _fitting(qtype, shape[-1])
-    return types
+    return {name: types[name] for name in names}
 
 
 def _rows(shapes: dict, name: str):
