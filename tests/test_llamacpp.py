@@ -190,3 +190,35 @@ def test_our_q4_k_m_is_llama_cpps_own_in_types_size_and_agreement(builtin_folder
     mine, other = report["quality"], quality(theirs, model, tok, builtin_folder, print)
     assert mine["examples"] == 5 and other["positions"] == mine["positions"]
     assert mine["top1_agreement"] >= other["top1_agreement"] - 0.01, (mine, other)
+
+
+@pytest.mark.slow
+def test_fine_tune_a_q4_k_m_gguf_and_deploy_it_back_to_llama_cpp(builtin_folder, tmp_path, monkeypatch):
+    """The round trip a user with only a GGUF makes: llama.cpp's Q4_K_M file as model.path → train → merge →
+    export q4_k_m → llama.cpp: loads, tokenizes like training (export checks 100 strings), stops at end-of-turn."""
+    import ctypes
+
+    f16, start = tmp_path / "smol-f16.gguf", tmp_path / "smol-Q4_K_M.gguf"
+    _export(builtin_folder, f16, "f16")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    with llamacpp._quiet():
+        assert llama_cpp.llama_model_quantize(str(f16).encode(), str(start).encode(), ctypes.byref(params)) == 0
+    monkeypatch.setenv("LLAMATUNE_CACHE_DIR", str(tmp_path / "cache"))  # the .gguf is converted once, here
+    quickstart = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    runner = CliRunner()
+    for argv in (["train", str(quickstart), "--run-dir", str(tmp_path / "run"), "--set", f"model.path={start}",
+                  "--set", "train.epochs=null", "--set", "train.max_steps=2", "--set", "train.micro_batch_size=4"],
+                 ["merge", str(tmp_path / "run")]):
+        result = runner.invoke(app, argv)
+        assert result.exit_code == 0, result.output
+    out = tmp_path / "tuned-q4_k_m.gguf"
+    report = _export(tmp_path / "run" / "merged", out, "q4_k_m")
+    assert report["tokenizer"]["identical"] == 100
+    assert report["quality"]["from"].startswith("held-out data of") and report["quality"]["examples"] == 8
+    llm = llamacpp.open_model(out, n_ctx=1024)
+    try:
+        done = llm.create_chat_completion(messages=CHAT[1:2], max_tokens=200, temperature=0.0)
+        assert done["choices"][0]["finish_reason"] == "stop"
+    finally:
+        llm.close()
