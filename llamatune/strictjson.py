@@ -47,6 +47,11 @@ def write(path: Path, value: Any, indent: int | None = 2) -> None:
     text = dumps(value, indent=indent) + "\n"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        # mkstemp creates 0600; reports and run files are shared (a serving account, a colleague): the mode
+        # any other file of the user's gets, i.e. 0666 less the umask
+        mask = os.umask(0)
+        os.umask(mask)
+        os.fchmod(fd, 0o666 & ~mask)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)

@@ -63,3 +63,17 @@ def test_a_second_export_into_the_same_target_stops_at_once(tiny_model_dir, tmp_
             second = CliRunner().invoke(app, ["export", str(tiny_model_dir), *argv])
         assert second.exit_code == 1 and f"pid {os.getpid()}" in second.output and "Traceback" not in second.output
         assert not target.exists()
+
+
+def test_exported_files_are_readable_by_other_users(tiny_model_dir, tmp_path):
+    """A service running as another user (ollama, llama-server) must be able to read what export writes."""
+    old = os.umask(0o022)
+    try:
+        for argv in (["--out", str(tmp_path / "m.gguf")], ["--format", "ollama", "--out", str(tmp_path / "o")]):
+            result = CliRunner().invoke(app, ["export", str(tiny_model_dir), "--quant", "q4_0", *argv])
+            assert result.exit_code == 0, result.output
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "m.gguf", tmp_path / "m.export_report.json", *(tmp_path / "o").iterdir()):
+        assert path.stat().st_mode & 0o777 == 0o644, path
+    assert (tmp_path / "o").stat().st_mode & 0o777 == 0o755
