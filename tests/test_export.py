@@ -77,3 +77,18 @@ def test_exported_files_are_readable_by_other_users(tiny_model_dir, tmp_path):
     for path in (tmp_path / "m.gguf", tmp_path / "m.export_report.json", *(tmp_path / "o").iterdir()):
         assert path.stat().st_mode & 0o777 == 0o644, path
     assert (tmp_path / "o").stat().st_mode & 0o777 == 0o755
+
+
+def test_without_llama_cpp_the_export_says_what_it_could_not_check(tiny_model_dir, tmp_path, monkeypatch):
+    import json
+
+    from llamatune.artifacts import llamacpp
+
+    monkeypatch.setattr(llamacpp, "available", lambda: False)  # as on a machine without llama-cpp-python
+    result = CliRunner().invoke(app, ["export", str(tiny_model_dir), "--quant", "q5_k_m", "--out", str(tmp_path / "m.gguf")])
+    assert result.exit_code == 0, result.output
+    assert "not checked in llama.cpp: llama-cpp-python is not installed" in result.output
+    report = json.loads((tmp_path / "m.export_report.json").read_text())
+    assert report["tokenizer"]["checked"] is False
+    assert report["quality"]["measured_in"] == "transformers (dequantized weights)" and report["quality"]["positions"] > 0
+    assert report["file"]["tensor_types"]["F32"] == 5 and report["quant"] == "q5_k_m"
