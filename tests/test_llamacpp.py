@@ -129,15 +129,6 @@ def test_pre_tokenizer_names_by_structure_and_refusals(tiny_model_dir):
 
 # --- the real builtin model -------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def builtin_folder():
-    from llamatune.catalog import ensure_builtin
-
-    try:
-        return ensure_builtin("smollm2-135m-instruct")
-    except LlamatuneError as exc:
-        pytest.skip(f"builtin model not available, package index unreachable? {exc}")
-
 
 @pytest.mark.slow
 def test_builtin_export_tokenizes_formats_and_stops_in_llama_cpp(builtin_folder, tmp_path):
