@@ -1,6 +1,5 @@
 """`llamatune plan` against what autograd really keeps, and `llamatune bench` end to end on the tiny model."""
 
-import json
 
 import pytest
 import torch
