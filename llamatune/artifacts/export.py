@@ -19,7 +19,8 @@ from typing import Callable
 from llamatune.artifacts.files import check_output, fix_for_model, opened
 from llamatune.errors import LlamatuneError
 
-_LAYER = {
+# Hugging Face Llama layer module → llama.cpp tensor name (also what a GGUF LoRA adapter names its pairs after).
+LAYER_TENSORS = {
     "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
     "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
@@ -27,9 +28,12 @@ _LAYER = {
 QUANTS = ("f16", "q8_0")
 
 
-def export_gguf(source: Path, out: Path, quant: str = "f16", say: Callable[[str], None] = print) -> Path:
+def export_gguf(source: Path, out: Path, quant: str = "f16", say: Callable[[str], None] = print, tokenizer=None) -> Path:
     """Writes `out` (.gguf) from a Llama model folder (e.g. `llamatune merge` output), atomically, holding the
     lock on `out` so that a second export into the same file stops at once instead of interleaving.
+
+    Args:
+        tokenizer: The tokenizer to embed instead of `source`'s own (a run's, whose chat template is the trained one).
 
     Raises:
         LlamatuneError: For a non-Llama model, a damaged file in `source`, an output that exists or cannot be
@@ -40,17 +44,18 @@ def export_gguf(source: Path, out: Path, quant: str = "f16", say: Callable[[str]
     check_output(out, "--out")  # before the lock, which creates out's parent folders
     with lock.hold(out, "exporting"):
         check_output(out, "--out")  # again: an export that finished while we waited wrote it
-        _write_gguf(source, out, quant)
+        _write_gguf(source, out, quant, tokenizer)
     say(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {quant})")
     return out
 
 
-def _write_gguf(source: Path, out: Path, quant: str) -> None:
+def _write_gguf(source: Path, out: Path, quant: str, tokenizer=None) -> None:
     """Writes the GGUF file through `.NAME.partial` beside it, renamed when complete. The caller holds the lock
     on `out`, so the fixed name is ours alone, and a partial file a killed export left is simply overwritten."""
     import gguf
 
-    config, model, tokenizer = _open_model(source)
+    config, model, own = _open_model(source)
+    tokenizer = own if tokenizer is None else tokenizer
     tmp = out.parent / f".{out.name}.partial"
     try:
         writer = gguf.GGUFWriter(str(tmp), "llama")
@@ -104,19 +109,20 @@ def _tensors(model, config):
     state = model.state_dict()
     yield "token_embd.weight", state["model.embed_tokens.weight"].numpy()
     for i in range(config.num_hidden_layers):
-        for hf, short in _LAYER.items():
+        for hf, short in LAYER_TENSORS.items():
             w = state[f"model.layers.{i}.{hf}.weight"].numpy()
             if short == "attn_q":
-                w = _permute(w, config.num_attention_heads)
+                w = permute_rotary(w, config.num_attention_heads)
             elif short == "attn_k":
-                w = _permute(w, config.num_key_value_heads)
+                w = permute_rotary(w, config.num_key_value_heads)
             yield f"blk.{i}.{short}.weight", w
     yield "output_norm.weight", state["model.norm.weight"].numpy()
     if not config.tie_word_embeddings:
         yield "output.weight", state["lm_head.weight"].numpy()
 
 
-def _permute(w, n_heads: int):
+def permute_rotary(w, n_heads: int):
+    """Rows of a Q or K projection [n_heads * head_dim, ...] (or a LoRA B of one) in llama.cpp's rotary order."""
     # HF keeps each head's rotary halves as [first half | second half]; llama.cpp interleaves them.
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
