@@ -254,30 +254,51 @@ def merge_command(
 
 @app.command("export")
 def export_command(
-    source: Path = typer.Argument(..., help="A model folder, e.g. the output of `llamatune merge`.", show_default=False),
-    fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp, LM Studio) | ollama (a folder: model.gguf + Modelfile)."),
-    quant: str = typer.Option("f16", "--quant", help="f16 | q8_0"),
-    out_file: Optional[Path] = typer.Option(None, "--out", help="Output file for gguf, folder for ollama "
-                                            "(default: beside SOURCE)."),
+    source: Path = typer.Argument(..., help="A model folder (gguf, ollama), e.g. the output of `llamatune merge`, or a "
+                                  "run directory (gguf-lora, gguf-base, ollama-lora).", show_default=False),
+    fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp, LM Studio) | ollama (a folder: model.gguf + "
+                            "Modelfile) | gguf-lora (the run's adapter alone, for llama.cpp --lora) | gguf-base (the "
+                            "run's base, once, to pair with its adapters) | ollama-lora (a folder: adapter.gguf + "
+                            "Modelfile FROM the base + ADAPTER)."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="f16 | q8_0: the model weights (default f16); a "
+                                        "gguf-lora adapter is always f32.", show_default=False),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="Output file for gguf/gguf-lora/gguf-base, folder for "
+                                            "ollama/ollama-lora (default: beside SOURCE; inside RUN for a run)."),
+    base: Optional[Path] = typer.Option(None, "--base", help="gguf-lora, ollama-lora: the base GGUF to pair the adapter "
+                                        "with (checked against it); without it ollama-lora writes base.gguf into its folder."),
 ) -> None:
-    """Write a model folder as one self-contained GGUF file (pure Python, no llama.cpp tools)."""
+    """Write a model folder as one self-contained GGUF file, or a run's LoRA adapter as a GGUF adapter for llama.cpp
+    and Ollama (pure Python, no llama.cpp tools)."""
 
     def body() -> None:
-        if fmt not in ("gguf", "ollama"):
-            raise RecipeError([f"--format: {fmt!r} is not supported; use gguf or ollama"])
-        if quant not in ("f16", "q8_0"):
+        from llamatune.artifacts.gguf_lora import RUN_FORMATS
+
+        if fmt not in ("gguf", "ollama", *RUN_FORMATS):
+            raise RecipeError([f"--format: {fmt!r} is not supported; use gguf, ollama, {', '.join(RUN_FORMATS)}"])
+        if quant not in (None, "f16", "q8_0"):
             raise RecipeError([f"--quant: {quant!r}; choose f16 or q8_0"])
+        if fmt in RUN_FORMATS:
+            _use_run(source)
+            _quiet_libraries()
+            from llamatune.artifacts.gguf_lora import export_run
+
+            export_run(source, fmt, quant, out_file, base, say=out.print)
+            return
+        if base is not None:
+            raise RecipeError(["--base: only for --format gguf-lora or ollama-lora (an adapter's base GGUF)"])
         if not (source / "config.json").is_file():
-            raise RecipeError([f"{source}: not a model folder (no config.json); merge a run first: llamatune merge RUN"])
+            run = (source / "adapter").is_dir()
+            raise RecipeError([f"{source}: not a model folder (no config.json); " + (
+                f"for a run, export its adapter: --format gguf-lora (or merge it first: llamatune merge {source})" if run
+                else "merge a run first: llamatune merge RUN")])
         _quiet_libraries()
         from llamatune.artifacts.export import export_gguf, export_ollama
 
+        quant_ = quant or "f16"
         if fmt == "ollama":
-            folder = out_file or source.parent / f"{source.name}-ollama"
-            export_ollama(source, folder, quant, say=out.print)
+            export_ollama(source, out_file or source.parent / f"{source.name}-ollama", quant_, say=out.print)
             return
-        target = out_file or source.parent / f"{source.name}-{quant}.gguf"
-        export_gguf(source, target, quant, say=out.print)
+        export_gguf(source, out_file or source.parent / f"{source.name}-{quant_}.gguf", quant_, say=out.print)
 
     _run(body)
 
