@@ -254,18 +254,17 @@ def merge_command(
 
 @app.command("export")
 def export_command(
-    source: Path = typer.Argument(..., help="A model folder (gguf, ollama), e.g. the output of `llamatune merge`, or a "
-                                  "run directory (gguf-lora, gguf-base, ollama-lora).", show_default=False),
-    fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp, LM Studio) | ollama (a folder: model.gguf + "
-                            "Modelfile) | gguf-lora (the run's adapter alone, for llama.cpp --lora) | gguf-base (the "
-                            "run's base, once, to pair with its adapters) | ollama-lora (a folder: adapter.gguf + "
-                            "Modelfile FROM the base + ADAPTER)."),
-    quant: Optional[str] = typer.Option(None, "--quant", help="f16 | q8_0: the model weights (default f16); a "
-                                        "gguf-lora adapter is always f32.", show_default=False),
-    out_file: Optional[Path] = typer.Option(None, "--out", help="Output file for gguf/gguf-lora/gguf-base, folder for "
-                                            "ollama/ollama-lora (default: beside SOURCE; inside RUN for a run)."),
-    base: Optional[Path] = typer.Option(None, "--base", help="gguf-lora, ollama-lora: the base GGUF to pair the adapter "
-                                        "with (checked against it); without it ollama-lora writes base.gguf into its folder."),
+    source: Path = typer.Argument(..., help="A model folder (gguf, ollama), e.g. `llamatune merge` output, or a run "
+                                  "directory (gguf-lora, gguf-base, ollama-lora).", show_default=False),
+    fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp, LM Studio) | ollama (folder: model.gguf + Modelfile) "
+                            "| gguf-lora (the run's adapter alone, for llama.cpp --lora) | gguf-base (the run's base, "
+                            "once, for its adapters) | ollama-lora (folder: adapter.gguf + Modelfile FROM base, ADAPTER)."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="f16 | q8_0: the model weights (default f16); a gguf-lora "
+                                        "adapter is always f32.", show_default=False),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="Output file (gguf*) or folder (ollama*); default: beside "
+                                            "SOURCE, or inside it for a run."),
+    base: Optional[Path] = typer.Option(None, "--base", help="gguf-lora, ollama-lora: the base GGUF the adapter is checked "
+                                        "against and paired with; without it ollama-lora writes base.gguf into its folder."),
 ) -> None:
     """Write a model folder as one self-contained GGUF file, or a run's LoRA adapter as a GGUF adapter for llama.cpp
     and Ollama (pure Python, no llama.cpp tools)."""
@@ -287,18 +286,17 @@ def export_command(
         if base is not None:
             raise RecipeError(["--base: only for --format gguf-lora or ollama-lora (an adapter's base GGUF)"])
         if not (source / "config.json").is_file():
-            run = (source / "adapter").is_dir()
-            raise RecipeError([f"{source}: not a model folder (no config.json); " + (
-                f"for a run, export its adapter: --format gguf-lora (or merge it first: llamatune merge {source})" if run
-                else "merge a run first: llamatune merge RUN")])
+            fix = f"for a run, export its adapter: --format gguf-lora, or merge it: llamatune merge {source}"
+            raise RecipeError([f"{source}: not a model folder (no config.json); "
+                               + (fix if (source / "adapter").is_dir() else "merge a run first: llamatune merge RUN")])
         _quiet_libraries()
         from llamatune.artifacts.export import export_gguf, export_ollama
 
-        quant_ = quant or "f16"
+        q = quant or "f16"
         if fmt == "ollama":
-            export_ollama(source, out_file or source.parent / f"{source.name}-ollama", quant_, say=out.print)
-            return
-        export_gguf(source, out_file or source.parent / f"{source.name}-{quant_}.gguf", quant_, say=out.print)
+            export_ollama(source, out_file or source.parent / f"{source.name}-ollama", q, say=out.print)
+        else:
+            export_gguf(source, out_file or source.parent / f"{source.name}-{q}.gguf", q, say=out.print)
 
     _run(body)
 

@@ -225,17 +225,20 @@ def test_bad_arguments_are_exit_2_and_a_wrong_base_exit_1(trained, tiny_model_di
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "y.gguf").exists()
 
 
-def test_a_builtin_base_is_found_from_the_recipe(trained, tmp_path):
+def test_the_base_is_found_from_the_recipe_builtin_or_not(trained, tmp_path):
     from llamatune.artifacts.gguf_lora import base_folder
     from llamatune.catalog import cached_path, is_cached
 
-    if not is_cached(cached_path("smollm2-135m-instruct")):
-        pytest.skip("smollm2-135m-instruct is not in llamatune's cache (tests never fetch it)")
     run = _copy_run(trained[0], tmp_path)
     recipe = (run / "recipe.yaml").read_text()
     model_line = next(line for line in recipe.splitlines() if line.startswith("  path: ") and "tiny-llama" in line)
+    (run / "recipe.yaml").write_text(recipe.replace(model_line, f"  path: {tmp_path / 'moved-away'}"))
+    output = _cli("export", run, "--format", "gguf-lora", code=2)
+    assert f"in {run / 'recipe.yaml'}" in output and "(the run's base, needed for its GGUF)" in output
+    if not is_cached(cached_path("smollm2-135m-instruct")):
+        pytest.skip("smollm2-135m-instruct is not in llamatune's cache (tests never fetch it)")
     (run / "recipe.yaml").write_text(recipe.replace(model_line, "  path: smollm2-135m-instruct"))
-    assert base_folder(run) == cached_path("smollm2-135m-instruct")
+    assert base_folder(run) == cached_path("smollm2-135m-instruct")  # no cache path known to the user
 
 
 def test_export_help_names_the_adapter_formats():

@@ -91,8 +91,8 @@ def export_adapter(run: Path, out: Path, base: Path | None = None, say: Callable
     from llamatune import lock
 
     check_output(out, "--out")
-    config, recipe = _base_config(run, say)
-    alpha, pairs = adapter_tensors(run, config)
+    recipe, folder = _recipe(run), base_folder(run, say)
+    alpha, pairs = adapter_tensors(run, _config(folder))
     if base is not None:
         check_base(base, pairs)
     with lock.hold(out, "exporting"):
@@ -133,8 +133,8 @@ def export_ollama_lora(run: Path, folder: Path, quant: str, base: Path | None = 
     from llamatune.evaluate.scoring import run_tokenizer
 
     check_output(folder, "--out")
-    config, _ = _base_config(run, say)
-    alpha, pairs = adapter_tensors(run, config)
+    base_dir = base_folder(run, say)
+    alpha, pairs = adapter_tensors(run, _config(base_dir))
     if base is not None:
         check_base(base, pairs)
     tokenizer = run_tokenizer(run)
@@ -148,7 +148,7 @@ def export_ollama_lora(run: Path, folder: Path, quant: str, base: Path | None = 
         try:
             _write_adapter(staging / "adapter.gguf", run.name, alpha, pairs)
             if base is None:
-                _write_gguf(base_folder(run, say), staging / "base.gguf", quant, tokenizer)
+                _write_gguf(base_dir, staging / "base.gguf", quant, tokenizer)
             (staging / "Modelfile").write_text("\n".join(lines))
             staging.rename(folder)
         finally:
@@ -347,13 +347,12 @@ def _recipe(run: Path):
     return load_recipe(run / "recipe.yaml", saved=True)
 
 
-def _base_config(run: Path, say: Callable[[str], None]):
-    """(the base model's transformers config, the run's recipe)."""
+def _config(folder: Path):
+    """The transformers config of the base model folder (layer and head counts, architecture)."""
     from functools import partial
 
     from transformers import AutoConfig
 
     from llamatune.artifacts.files import fix_for_model
 
-    folder = base_folder(run, say)
-    return opened(partial(AutoConfig.from_pretrained, folder), folder, "model", fix_for_model(folder)), _recipe(run)
+    return opened(partial(AutoConfig.from_pretrained, folder), folder, "model", fix_for_model(folder))
