@@ -158,6 +158,7 @@ def test_what_llama_cpp_cannot_apply_is_refused_with_the_way_out(trained, tmp_pa
         "bias 'lora_only'": ({"bias": "lora_only"}, None),
         "lora_bias is set": ({"lora_bias": True}, lambda s: s.update({
             "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias": torch.zeros(64)})),
+        "init_lora_weights 'pissa_niter_4' changed the base weights": ({"init_lora_weights": "pissa_niter_4"}, None),
         "embed_tokens.lora_embedding_A": ({"target_modules": ["embed_tokens"]}, lambda s: s.update({
             "base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(4, 400)})),
     }
@@ -199,6 +200,7 @@ def test_bad_arguments_are_exit_2_and_a_wrong_base_exit_1(trained, tiny_model_di
     for argv, message in (
         ([tiny_model_dir, "--format", "gguf-lora"], "takes a run directory"),
         ([source, "--format", "gguf-lora", "--quant", "q8_0"], "the adapter is always written in f32"),
+        ([source, "--format", "ollama-lora", "--quant", "q8_0", "--base", base], "ollama-lora without --base"),
         ([source, "--format", "gguf-lora", "--base", tmp_path / "none.gguf"], "no such file"),
         ([source, "--format", "gguf-base", "--base", base], "gguf-base writes the base"),
         ([tiny_model_dir, "--base", base], "only for --format gguf-lora or ollama-lora"),
