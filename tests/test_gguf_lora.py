@@ -3,6 +3,7 @@ the adapter GGUF give the logits of the merged model (its GGUF in llama.cpp, and
 rsLoRA and per-module rank/alpha patterns; what llama.cpp cannot apply is refused with the way out."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -127,6 +128,8 @@ def test_base_plus_adapter_in_llama_cpp_equals_the_merged_model(trained, tmp_pat
 def test_the_adapter_file_holds_what_llama_cpp_reads(trained, tmp_path):
     import gguf
 
+    from llamatune import lock
+
     run = _copy_run(trained[0], tmp_path)
     _cli("export", run, "--format", "gguf-lora", "--out", tmp_path / "a.gguf")
     reader = gguf.GGUFReader(str(tmp_path / "a.gguf"))
@@ -140,6 +143,9 @@ def test_the_adapter_file_holds_what_llama_cpp_reads(trained, tmp_path):
     assert tensors["blk.0.attn_k.weight.lora_b"] == ((4, 32), "F32")  # [r, out]: 2 KV heads × 16
     assert tensors["blk.1.ffn_down.weight.lora_a"] == ((128, 4), "F32")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    with lock.hold(run / "adapter.gguf", "exporting"):  # a first writer, in this process
+        assert f"pid {os.getpid()}" in _cli("export", run, "--format", "gguf-lora", code=1)
+    assert not (run / "adapter.gguf").exists()
 
 
 def test_what_llama_cpp_cannot_apply_is_refused_with_the_way_out(trained, tmp_path):
