@@ -254,38 +254,28 @@ def merge_command(
 
 @app.command("export")
 def export_command(
-    source: Path = typer.Argument(..., help="A model folder, e.g. the output of `llamatune merge`.", show_default=False),
-    fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp, LM Studio) | ollama (a folder: model.gguf + Modelfile)."),
-    quant: str = typer.Option("f16", "--quant", help="f16 | q8_0 | q6_k | q5_k_m | q5_k_s | q5_1 | q5_0 | q4_k_m | q4_k_s | "
-                              "q4_1 | q4_0: llama.cpp's file types, the same per-tensor mix its quantizer writes."),
-    out_file: Optional[Path] = typer.Option(None, "--out", help="Output file for gguf, folder for ollama "
-                                            "(default: beside SOURCE)."),
+    source: Path = typer.Argument(..., help="A model folder (gguf, ollama), e.g. `llamatune merge` output, or a run "
+                                  "directory (gguf-lora, gguf-base, ollama-lora).", show_default=False),
+    fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp, LM Studio) | ollama (folder: model.gguf + Modelfile) "
+                            "| gguf-lora (the run's adapter alone, for llama.cpp --lora) | gguf-base (the run's base, "
+                            "once, for its adapters) | ollama-lora (folder: adapter.gguf + Modelfile FROM base, ADAPTER)."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="f16 (default) | q8_0 | q6_k | q5_k_m | q5_k_s | q5_1 | q5_0 | "
+                                        "q4_k_m | q4_k_s | q4_1 | q4_0: llama.cpp's file types, each with the per-tensor mix "
+                                        "its quantizer writes; a gguf-lora adapter is always f32.", show_default=False),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="Output file (gguf*) or folder (ollama*); default: beside "
+                                            "SOURCE, or inside it for a run."),
+    base: Optional[Path] = typer.Option(None, "--base", help="gguf-lora, ollama-lora: the base GGUF the adapter is checked "
+                                        "against and paired with; without it ollama-lora writes base.gguf into its folder."),
 ) -> None:
-    """Write a model folder as one self-contained GGUF file (pure Python, no llama.cpp tools)."""
+    """Write a model folder as one self-contained GGUF file, or a run's LoRA adapter as a GGUF adapter for llama.cpp
+    and Ollama (pure Python, no llama.cpp tools)."""
 
     def body() -> None:
-        if fmt not in ("gguf", "ollama"):
-            raise RecipeError([f"--format: {fmt!r} is not supported; use gguf or ollama"])
-        import difflib
-
-        from llamatune.artifacts.export import QUANTS
-
-        kind = quant.lower()
-        if kind not in QUANTS:
-            close = difflib.get_close_matches(kind.replace("-", "_"), QUANTS, n=1, cutoff=0.6)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise RecipeError([f"--quant: {quant!r}; choose one of {', '.join(QUANTS)}{hint}"])
-        if not (source / "config.json").is_file():
-            raise RecipeError([f"{source}: not a model folder (no config.json); merge a run first: llamatune merge RUN"])
+        _use_run(source)  # a run's recipe redacts what the commands print
         _quiet_libraries()
-        from llamatune.artifacts.export import export_gguf, export_ollama
+        from llamatune.artifacts.export import export
 
-        if fmt == "ollama":
-            folder = out_file or source.parent / f"{source.name}-ollama"
-            export_ollama(source, folder, kind, say=out.print)
-            return
-        target = out_file or source.parent / f"{source.name}-{kind}.gguf"
-        export_gguf(source, target, kind, say=out.print)
+        export(source, fmt, quant, out_file, base, say=out.print)
 
     _run(body)
 

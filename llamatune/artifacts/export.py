@@ -20,7 +20,8 @@ from llamatune.artifacts.gguf_vocab import add_tokenizer
 from llamatune.artifacts.modelfile import ollama_modelfile, ollama_name
 from llamatune.errors import LlamatuneError
 
-_LAYER = {
+# Hugging Face Llama layer module → llama.cpp tensor name (also what a GGUF LoRA adapter names its pairs after).
+LAYER_TENSORS = {
     "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
     "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
@@ -31,10 +32,40 @@ _LAYER = {
 QUANTS = ("f16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_k_s", "q4_1", "q4_0")
 
 
-def export_gguf(source: Path, out: Path, quant: str = "f16", say: Callable[[str], None] = print) -> Path:
+def export(source: Path, fmt: str, quant: str | None, out: Path | None, base: Path | None,
+           say: Callable[[str], None] = print) -> Path:
+    """`llamatune export`: a model folder as gguf / ollama, a run as gguf-lora / gguf-base / ollama-lora.
+
+    Raises:
+        RecipeError: For a format, quant type, --base or SOURCE that does not fit (exit 2).
+        LlamatuneError: For what goes wrong writing (see export_gguf, export_ollama, gguf_lora.export_run).
+    """
+    from llamatune.artifacts.gguf_lora import RUN_FORMATS, export_run
+    from llamatune.errors import RecipeError
+
+    if fmt not in ("gguf", "ollama", *RUN_FORMATS):
+        raise RecipeError([f"--format: {fmt!r} is not supported; use gguf, ollama, {', '.join(RUN_FORMATS)}"])
+    kind = checked_quant(quant)
+    if fmt in RUN_FORMATS:
+        return export_run(source, fmt, quant and kind, out, base, say=say)
+    if base is not None:
+        raise RecipeError(["--base: only for --format gguf-lora or ollama-lora (an adapter's base GGUF)"])
+    if not (source / "config.json").is_file():
+        fix = f"for a run, export its adapter: --format gguf-lora, or merge it: llamatune merge {source}"
+        raise RecipeError([f"{source}: not a model folder (no config.json); "
+                           + (fix if (source / "adapter").is_dir() else "merge a run first: llamatune merge RUN")])
+    if fmt == "ollama":
+        return export_ollama(source, out or source.parent / f"{source.name}-ollama", kind, say=say)
+    return export_gguf(source, out or source.parent / f"{source.name}-{kind}.gguf", kind, say=say)
+
+
+def export_gguf(source: Path, out: Path, quant: str = "f16", say: Callable[[str], None] = print, tokenizer=None) -> Path:
     """Writes `out` (.gguf) from a Llama model folder (e.g. `llamatune merge` output), atomically, holding the
     lock on `out` so that a second export into the same file stops at once instead of interleaving; and
     `out` with the suffix `.export_report.json` beside it (see `export_report`).
+
+    Args:
+        tokenizer: The tokenizer to embed instead of `source`'s own (a run's, whose chat template is the trained one).
 
     Raises:
         LlamatuneError: For a non-Llama model, a damaged file in `source`, an output that exists or cannot be
@@ -47,7 +78,7 @@ def export_gguf(source: Path, out: Path, quant: str = "f16", say: Callable[[str]
     check_output(report_path, "--out")
     with lock.hold(out, "exporting"):
         check_output(out, "--out")  # again: an export that finished while we waited wrote it
-        report = _write_gguf(source, out, quant, say)
+        report = _write_gguf(source, out, quant, say, tokenizer)
         strictjson.write(report_path, report)
     _say_report(say, out, report, report_path)
     return out
@@ -64,11 +95,25 @@ def _say_report(say: Callable[[str], None], out: Path, report: dict, report_path
     say(f"report: {report_path}")
 
 
+def checked_quant(quant: str | None) -> str:
+    """`--quant` as given (any case; default f16), or a RecipeError naming the choices and the closest one."""
+    import difflib
+
+    from llamatune.errors import RecipeError
+
+    kind = (quant or "f16").lower()
+    if kind not in QUANTS:
+        close = difflib.get_close_matches(kind.replace("-", "_"), QUANTS, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise RecipeError([f"--quant: {quant!r}; choose one of {', '.join(QUANTS)}{hint}"])
+    return kind
+
+
 def quant_label(quant: str) -> str:
     return quant.upper() if quant != "f16" else "F16"
 
 
-def _write_gguf(source: Path, out: Path, quant: str, say: Callable[[str], None] = print) -> dict:
+def _write_gguf(source: Path, out: Path, quant: str, say: Callable[[str], None] = print, tokenizer=None) -> dict:
     """Writes the GGUF file through `.NAME.partial` beside it, checks it (tokenizer in llama.cpp, quality
     against the source), and renames it when both are done. The caller holds the lock on `out`, so the fixed
     name is ours alone, and a partial file a killed export left is simply overwritten.
@@ -80,7 +125,8 @@ def _write_gguf(source: Path, out: Path, quant: str, say: Callable[[str], None] 
 
     from llamatune.artifacts import export_report
 
-    config, model, tokenizer = _open_model(source)
+    config, model, own = _open_model(source)
+    tokenizer = own if tokenizer is None else tokenizer
     tensors = list(_tensors(model, config))
     types = tensor_types(tensors, config, quant)
     tmp = out.parent / f".{out.name}.partial"
@@ -153,19 +199,20 @@ def _tensors(model, config):
     state = model.state_dict()
     yield "token_embd.weight", state["model.embed_tokens.weight"].numpy()
     for i in range(config.num_hidden_layers):
-        for hf, short in _LAYER.items():
+        for hf, short in LAYER_TENSORS.items():
             w = state[f"model.layers.{i}.{hf}.weight"].numpy()
             if short == "attn_q":
-                w = _permute(w, config.num_attention_heads)
+                w = permute_rotary(w, config.num_attention_heads)
             elif short == "attn_k":
-                w = _permute(w, config.num_key_value_heads)
+                w = permute_rotary(w, config.num_key_value_heads)
             yield f"blk.{i}.{short}.weight", w
     yield "output_norm.weight", state["model.norm.weight"].numpy()
     if not config.tie_word_embeddings:
         yield "output.weight", state["lm_head.weight"].numpy()
 
 
-def _permute(w, n_heads: int):
+def permute_rotary(w, n_heads: int):
+    """Rows of a Q or K projection [n_heads * head_dim, ...] (or a LoRA B of one) in llama.cpp's rotary order."""
     # HF keeps each head's rotary halves as [first half | second half]; llama.cpp interleaves them.
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
