@@ -151,6 +151,25 @@ def test_builtin_export_tokenizes_formats_and_stops_in_llama_cpp(builtin_folder,
         assert "<|im_end|>" not in done["choices"][0]["message"]["content"]
     finally:
         llm.close()
+    # f16: llama.cpp's greedy answer is transformers' greedy answer, token for token
+    from transformers import AutoModelForCausalLM
+
+    f16 = tmp_path / "smol-f16.gguf"
+    _export(builtin_folder, f16, "f16")
+    prompt = tok(render_chat(tok, CHAT[1:2], True), add_special_tokens=False)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(builtin_folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt):].tolist()
+    llm = llamacpp.open_model(f16, n_ctx=512)
+    try:
+        got = []
+        for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+            got.append(token)
+            if len(got) == len(want) or token == tok.eos_token_id:
+                break
+    finally:
+        llm.close()
+    assert got == want[: len(got)] and len(got) >= min(len(want), 8), (got, want)
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@
 For each type: file size, bits per weight, and against the merged model along the run's held-out answers
 (teacher-forced, up to 8 examples): top-1 agreement, mean KL, perplexity of the reference answers (all from
 the export's own export_report.json), plus llama.cpp's generation speed (greedy, 64 new tokens after a chat
-prompt, best of 3, this machine's threads). llama.cpp's own Q4_K_M and Q4_0, quantized from llamatune's f16
+prompt, best of 3, this machine's threads). llama.cpp's own Q4_K_M, Q5_K_M, Q5_1 and Q4_0, quantized from llamatune's f16
 file by `llama_model_quantize`, are measured the same way. Needs llama-cpp-python. Writes
 results/export-<date>.json and prints a Markdown table.
 """
@@ -91,7 +91,7 @@ def main() -> None:
     if not f16.exists():
         _llamatune("export", str(merged), "--quant", "f16", "--out", str(f16))
     _, model, tokenizer = _open_model(merged)
-    for ftype in ("Q4_K_M", "Q4_0"):
+    for ftype in ("Q4_K_M", "Q5_K_M", "Q5_1", "Q4_0"):
         out = work / f"llama.cpp-{ftype}.gguf"
         _llama_cpp_quantize(f16, out, ftype)
         rows.append({"file": f"llama.cpp {ftype} (from llamatune f16)", **file_facts(out),
