@@ -213,14 +213,12 @@ def bench_command(
 
 
 @app.command()
-def schema() -> None:
-    """Print every recipe key with its type, default and meaning."""
-    from rich.markup import escape
+def schema(key: Optional[str] = typer.Argument(None, help="One key or section, e.g. data.train.messages or lora.",
+                                               show_default=False)) -> None:
+    """Print every recipe key (or KEY and the keys below it) with its type, default and meaning."""
+    from llamatune.schema_doc import show
 
-    from llamatune.recipe import describe_keys
-
-    for key, type_name, default, description in describe_keys():
-        out.print(f"[bold]{key}[/]  [dim]{escape(f'{type_name} = {default}')}[/]\n    {escape(description)}", highlight=False)
+    _run(lambda: show(key, lambda text: out.print(text, highlight=False)))
 
 
 @app.command("merge")

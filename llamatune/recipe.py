@@ -7,12 +7,10 @@ dotted key, the YAML line (or "--set") and a suggestion.
 from __future__ import annotations
 
 import difflib
-import types
-import typing
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -20,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 from llamatune.errors import RecipeError
 from llamatune.recipe_paths import resolve_paths
 from llamatune.schema import Recipe
+from llamatune.schema_doc import model_in
 from llamatune.secrets import Redactor
 
 # Names other tools (peft, transformers, axolotl) use for our keys: spelling is not close, intent is.
@@ -163,21 +162,6 @@ def recipe_to_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(redactor_of(recipe).data(recipe.model_dump(mode="json")), sort_keys=False)
 
 
-def describe_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """Lists (dotted key, type, default, description) for every leaf key of the schema."""
-    rows = []
-    for name, field in model.model_fields.items():
-        sub = _model_in(field.annotation)
-        if sub is not None:
-            rows += describe_keys(sub, f"{prefix}{name}.")
-            continue
-        ann = field.annotation
-        type_name = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "").replace("pathlib.", "")
-        default = "required" if field.is_required() else repr(field.default)
-        rows.append((f"{prefix}{name}", type_name, default, field.description or ""))
-    return rows
-
-
 def _validate(raw: dict, lines: dict[tuple, int | str], source: str | None, problems: list[str],
               redactor: Redactor, written: dict[tuple, str] | None = None) -> Recipe:
     try:
@@ -239,21 +223,13 @@ def _is_union_tag(part: Any) -> bool:
 def _allowed_keys(loc: tuple[str, ...]) -> list[str]:
     cls: Any = Recipe
     for part in loc:
+        if part.isdigit():  # an item of a list of sections (data.train.0): its keys are the section's
+            continue
         field = cls.model_fields.get(part) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
-        cls = _model_in(field.annotation) if field else None
+        cls = model_in(field.annotation) if field else None
         if cls is None:
             return []
     return list(cls.model_fields)
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    if typing.get_origin(annotation) in (Union, types.UnionType):
-        for arg in typing.get_args(annotation):
-            if (found := _model_in(arg)) is not None:
-                return found
-    return None
 
 
 def _key_lines(text: str) -> tuple[dict[tuple, int | str], list[tuple[tuple, int, int]], dict[tuple, str]]:

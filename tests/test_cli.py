@@ -41,16 +41,55 @@ def test_models_list_and_unknown_pull():
     assert result.exit_code == 2 and "unknown builtin model" in result.output
 
 
-def test_schema_lists_every_key_with_its_description():
-    from llamatune.recipe import describe_keys
+def _every_field(model, prefix=""):
+    """Every (dotted key) of a pydantic model and the models inside it, found independently of schema_doc."""
+    import typing
 
-    output = CliRunner().invoke(app, ["schema"]).output
-    keys = [row[0] for row in describe_keys()]
-    assert {"model.path", "lora.target_modules", "quantization.mode", "data.train", "train.grad_accum", "output.name"} <= set(keys)
-    assert all(row[3] for row in describe_keys()), "every key needs a description"
-    for key in keys:
-        assert key in output
+    from pydantic import BaseModel
+
+    def models_in(annotation):
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield annotation
+        for arg in typing.get_args(annotation):
+            yield from models_in(arg)
+
+    for name, field in model.model_fields.items():
+        yield prefix + name
+        for sub in set(models_in(field.annotation)):
+            yield from _every_field(sub, f"{prefix}{name}.")
+
+
+def test_schema_lists_every_key_at_every_depth_in_plain_words():
+    from llamatune.schema import Recipe
+    from llamatune.schema_doc import describe_keys
+
+    output = CliRunner(env={"COLUMNS": "300"}).invoke(app, ["schema"]).output
+    fields = set(_every_field(Recipe))
+    sections = {k for k in fields if any(f.startswith(k + ".") for f in fields) and k not in ("data.train", "data.eval")}
+    assert {"data.train.messages", "data.train.answer_with", "data.eval.explode", "data.train.encoding"} <= fields
+    for key in fields - sections:
+        assert f"\n{key}  " in "\n" + output, f"{key} missing from llamatune schema"
+    assert all(row.description for row in describe_keys()), "every key needs a description"
+    assert "PosixPath" not in output and "llamatune.schema" not in output and "Literal[" not in output
+    assert "output.dir  path; default: runs" in output and "lora.r  integer; default: 16" in output
     assert "[q_proj, k_proj, v_proj, o_proj]" in output
+
+
+def test_schema_of_one_key_and_a_typo():
+    runner = CliRunner()
+    one = runner.invoke(app, ["schema", "data.train.messages"])
+    assert one.exit_code == 0 and one.output.startswith("data.train.messages  text; default: messages")
+    assert runner.invoke(app, ["schema", "data.train.0.messages"]).output == one.output
+    section = runner.invoke(app, ["schema", "lora"]).output
+    assert "lora.r " in section and "model.path" not in section
+    typo = runner.invoke(app, ["schema", "data.train.mesages"])
+    assert typo.exit_code == 2 and "did you mean data.train.messages" in typo.output and "Traceback" not in typo.output
+
+
+def test_a_typo_in_a_source_key_gets_a_did_you_mean(tmp_path):
+    (tmp_path / "r.yaml").write_text("data:\n  train:\n    path: x.jsonl\n    promt: '{q}'\n")
+    result = CliRunner().invoke(app, ["validate", str(tmp_path / "r.yaml")])
+    assert result.exit_code == 2 and "data.train.0.promt (line 4): unknown key (did you mean 'prompt'?)" in result.output
 
 
 def test_data_check_fails_with_the_overlap_count(tiny_recipe):
