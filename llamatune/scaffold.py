@@ -130,7 +130,8 @@ def _recipe(domain: str, spec: Domain) -> str:
 #    The *_heldout files are never trained on: use different questions/texts than in *_train.
 # 2. llamatune validate recipe.yaml && llamatune data check recipe.yaml
 # 3. llamatune train recipe.yaml, then llamatune eval runs/<run> --compare base
-# Every key: `llamatune schema`. Paths below are relative to this file.
+# Every key: `llamatune schema`. Data paths below are relative to this file; output.dir is relative to the
+# folder you run llamatune in.
 
 model:
   path: smollm2-135m-instruct   # builtin alias | local HF folder | .gguf file | hub id 'org/name'
@@ -176,5 +177,5 @@ train:
   log_every: 10
 
 output:
-  dir: runs
+  dir: runs             # relative to the folder llamatune runs in (not to this file)
 """

@@ -151,6 +151,12 @@ def test_chat_streams_answers_and_compares_base(fixed_answer_run):
     assert result.output.count("you>") == 2  # one turn, then the empty line ends the chat
     plain = CliRunner().invoke(app, ["chat", str(fixed_answer_run.parent / "run"), "--max-new-tokens", "2"], input="hi\n/exit\n")
     assert plain.exit_code == 0 and "tuned>" in plain.output and "base>" not in plain.output
+    # the banner names what is talked to: the run, its base and adapter, the template, the system message
+    assert f"run {fixed_answer_run.parent / 'run'}: base " in plain.output and "+ its adapter" in plain.output
+    assert "chat template from " in plain.output and "no system message" in plain.output
+    told = CliRunner().invoke(app, ["chat", str(fixed_answer_run), "--system", "Be brief.", "--max-new-tokens", "1"],
+                              input="/exit\n")
+    assert "system message 'Be brief.' (--system)" in told.output
 
 
 def test_default_eval_data_is_the_runs_own_held_out_split(tiny_recipe, tmp_path):

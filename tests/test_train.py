@@ -131,3 +131,17 @@ def test_packed_training_evaluates_the_same_and_trains(tiny_recipe, tmp_path):
     manifest = json.loads((tmp_path / "packed" / "data_manifest.json").read_text())
     assert [s["split"] for s in manifest["sources"]] == ["train", "eval"]
     assert all(len(f["sha256"]) == 64 for s in manifest["sources"] for f in s["files"])
+
+
+def test_a_one_point_loss_curve_is_drawn_with_markers(tmp_path, monkeypatch):
+    """A run with one logged step drew its train series as an invisible zero-length line."""
+    from matplotlib.axes import Axes
+
+    from llamatune.train.plot import write_loss_curve
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.5}\n{"step": 1, "eval_loss": 2.4}\n')
+    calls = []
+    real = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, **k: calls.append(k) or real(self, *a, **k))
+    assert write_loss_curve(tmp_path).read_bytes()[:4] == b"\x89PNG"
+    assert calls[0]["label"] == "train" and calls[0]["marker"] == "o"

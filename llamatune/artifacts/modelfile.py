@@ -50,6 +50,16 @@ def ollama_modelfile(tokenizer, gguf_name: str, adapter_name: str | None = None)
     return "\n".join(lines) + "\n"
 
 
+def default_system_message(tokenizer) -> str | None:
+    """The system message the chat template adds by itself when a conversation has none (SmolLM2's "You are a
+    helpful AI assistant named SmolLM..."), or None (none added, or a template too irregular to tell)."""
+    try:
+        preamble = _preamble(tokenizer)
+        return _default_system(tokenizer, _wrappers(tokenizer, preamble), preamble)
+    except LlamatuneError:
+        return None
+
+
 def ollama_name(source: Path) -> str:
     """A model name `ollama create` accepts (lowercase letters, digits, `.`, `_`, `-`; starts with a letter or
     digit), from the run's name when `source` is a run's merged/ folder."""

@@ -31,6 +31,7 @@ def chat(path: Path, compare_base: bool, max_new_tokens: int, system: str | None
     history = [{"role": "system", "content": system}] if system else []
     # A template that raises fails now, not after the first message is typed.
     render_chat(tok, history + [{"role": "user", "content": "hello"}], add_generation_prompt=True)
+    write(_banner(target, system))
     write("type a message; an empty line or /exit ends the chat")
     while True:
         try:
@@ -54,3 +55,19 @@ def chat(path: Path, compare_base: bool, max_new_tokens: int, system: str | None
                                      pad_token_id=tok.pad_token_id, use_cache=True)
             answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
         history.append({"role": "assistant", "content": answer})  # the conversation continues with the tuned answer
+
+
+def _banner(target, system: str | None) -> str:
+    """Which model, adapter, chat template and system message this chat runs, said before the first turn."""
+    from llamatune.artifacts.modelfile import default_system_message
+    from llamatune.data.encode import template_origin
+
+    if target.has_adapter:
+        what = f"run {target.name}: base {target.recipe.model.path} + its adapter"
+    else:
+        what = f"model {target.name} (no adapter)"
+    origin = template_origin(target.tokenizer) or "the recipe's data.chat_template"
+    default = None if system else default_system_message(target.tokenizer)
+    said = (f"system message {system!r} (--system)" if system else
+            f"the template's default system message {default!r} (--system replaces it)" if default else "no system message")
+    return f"{what}; chat template from {origin}; {said}"

@@ -22,7 +22,9 @@ def write_loss_curve(run_dir: Path) -> Path:
         if "eval_loss" in record:
             held[record["step"]] = record["eval_loss"]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot(list(train), list(train.values()), label="train", linewidth=1)
+    # few points (a short run, or log_every near max_steps): markers, or a one-point line is drawn invisibly
+    ax.plot(list(train), list(train.values()), label="train", linewidth=1,
+            marker="o" if len(train) <= 20 else None, markersize=4)
     ax.plot(list(held), list(held.values()), "o-", label="held-out")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("optimizer step")
