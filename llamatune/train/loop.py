@@ -258,7 +258,7 @@ def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, 
             n_tokens = int(acc.reduce(torch.tensor(real, device=acc.device), "sum"))
             tokens_seen += n_tokens
             tps = n_tokens / (time.perf_counter() - t0)
-            progress.update(done, loss, lr, tps)
+            progress.update(done, loss, lr, tps, n_tokens)
             if done % cfg.log_every == 0 or done == total_steps:
                 metrics.write(step=done, epoch=epoch, loss=loss, lr=lr, tokens=tokens_seen,
                               tokens_per_s=round(tps, 1), elapsed_s=round(time.perf_counter() - started, 2))
