@@ -117,6 +117,10 @@ def show_data(manifest: dict, say: Callable[[str], None]) -> None:
             + (f"[yellow]dropped {sum(s['dropped'].values())}[/]: {drops}" if drops else "dropped: none"))
         for reason, places in s["drop_examples"].items():
             say(f"    {reason}: e.g. {escape('; '.join(places))}")
+    if "system_prompt" in manifest:
+        from llamatune.data.encode import describe_system
+
+        say(escape(describe_system(manifest["system_prompt"])))
     for note in manifest.get("notes", []):
         say(f"note: {escape(note)}")
     for warning in manifest.get("warnings", []):

@@ -146,6 +146,9 @@ quantization:
   mode: none            # nf4 = QLoRA: 4-bit frozen base, ~4x less weight memory (slower on CPU)
 
 data:
+  # The system message of every example, a decision to record: model-default (the chat template's own; the
+  # builtin's adds "You are a helpful AI assistant named SmolLM, trained by Hugging Face"), none, or your text.
+  system_prompt: model-default
   train:
     - path: data/qa_train.jsonl          # free-text answers: one JSON object per line
       prompt: "{{question}}"

@@ -169,7 +169,11 @@ class DataSpec(_Spec):
         None, gt=0, lt=1, description="Share of train documents held out when `eval` is not given (then defaults to 0.1). "
         "Split by source record, so windows or exploded questions of one document never straddle the split."
     )
-    system_prompt: str | None = Field(None, description="System message put before every example (unless a source sets `system`).")
+    system_prompt: str | None = Field(None, description="The system message of every example (unless a source sets "
+                                      "`system`): model-default (the chat template's own; SmolLM2's adds 'You are a helpful "
+                                      "AI assistant named SmolLM...' when a conversation has none), none (no system message "
+                                      "at all, even where the template would add one), or the text itself. Not set = "
+                                      "model-default. data check, the manifest, the model card and the Modelfile say which.")
     chat_template: str = Field("model", description="'model' (the tokenizer's own), 'chatml', or a custom Jinja chat template.")
 
     @field_validator("chat_template")

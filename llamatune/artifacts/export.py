@@ -245,7 +245,10 @@ def export_ollama(source: Path, folder: Path, quant: str = "f16", say: Callable[
     with lock.hold(folder, "exporting"):
         check_output(folder, "--out")
         tokenizer = opened(partial(AutoTokenizer.from_pretrained, source), source, "tokenizer", fix_for_model(source))
-        modelfile = ollama_modelfile(tokenizer, "./model.gguf")  # fail before the big write
+        from llamatune.artifacts.export_report import run_of
+        from llamatune.artifacts.modelfile import trained_system
+
+        modelfile = ollama_modelfile(tokenizer, "./model.gguf", system=trained_system(run_of(source)))  # fails first
         staging = folder.parent / f".{folder.name}.partial"  # ours alone while we hold the lock
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()

@@ -64,7 +64,7 @@ def held_out(source: Path, tokenizer, say: Callable[[str], None]) -> tuple[list[
     """
     from llamatune.data.encode import IGNORE_INDEX
 
-    run = _run_of(source)
+    run = run_of(source)
     if run is not None:
         from llamatune.evaluate.scoring import Target, eval_examples
         from llamatune.recipe import RecipeError, load_recipe
@@ -179,7 +179,8 @@ def _log_softmax(x):
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def _run_of(source: Path) -> Path | None:
+def run_of(source: Path) -> Path | None:
+    """The run a merged folder came from (its merge_report.json names it), when that run is still there."""
     try:
         run = Path(json.loads((source / "merge_report.json").read_text())["run"])
     except (OSError, ValueError, KeyError, TypeError):

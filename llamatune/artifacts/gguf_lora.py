@@ -141,7 +141,10 @@ def export_ollama_lora(run: Path, folder: Path, quant: str, base: Path | None = 
     if base is not None:
         check_base(base, pairs)
     tokenizer = run_tokenizer(run)
-    modelfile = ollama_modelfile(tokenizer, str(base.resolve()) if base else "./base.gguf", "./adapter.gguf")  # fails first
+    from llamatune.artifacts.modelfile import trained_system
+
+    modelfile = ollama_modelfile(tokenizer, str(base.resolve()) if base else "./base.gguf", "./adapter.gguf",
+                                 system=trained_system(run))  # fails before any big write
     with lock.hold(folder, "exporting"):
         check_output(folder, "--out")
         staging = folder.parent / f".{folder.name}.partial"  # ours alone while we hold the lock

@@ -156,6 +156,7 @@ def _model_card(run_dir: Path, recipe, ref: str, report: dict) -> str:
         f"Base model `{ref}` with a LoRA adapter (r={recipe.lora.r}, alpha={recipe.lora.alpha:g}, targets "
         f"{recipe.lora.target_modules}) merged in {report['dtype']} by llamatune.", "",
         f"- Training data: {sources or 'see recipe.yaml'}; data fingerprint {(summary.get('data_fingerprint') or _fp(manifest))[:16]}",
+        f"- {_system_line(manifest)}",
         f"- Steps: {summary.get('steps', '?')}; held-out loss {summary.get('eval_loss_before', float('nan')):.4f} → "
         f"{summary.get('eval_loss_after', float('nan')):.4f}",
         f"- Parity with base + adapter on {report['prompts']} held-out prompts: max |Δlogit| "
@@ -172,6 +173,13 @@ def _model_card(run_dir: Path, recipe, ref: str, report: dict) -> str:
     lines += ["", "## License", "", "This model inherits the license of its base model; the fine-tuning data's licenses "
               "apply to what it learned. Check both before distributing it.", ""]
     return "\n".join(lines)
+
+
+def _system_line(manifest: dict) -> str:
+    from llamatune.data.encode import describe_system
+
+    line = describe_system(manifest.get("system_prompt"))
+    return line[0].upper() + line[1:]
 
 
 def _fp(manifest: dict) -> str:

@@ -23,9 +23,9 @@ _NOT_A_WRAPPER = ("the chat template is not a plain per-role wrapper, so it cann
                   "({why}); use the GGUF file with llama.cpp, which reads the template from its metadata")
 
 
-def ollama_modelfile(tokenizer, gguf_name: str, adapter_name: str | None = None) -> str:
-    """The Modelfile text: FROM (and ADAPTER), TEMPLATE, stop PARAMETERs and, when the template adds a system
-    message of its own, SYSTEM.
+def ollama_modelfile(tokenizer, gguf_name: str, adapter_name: str | None = None, system: str | None = None) -> str:
+    """The Modelfile text: FROM (and ADAPTER), TEMPLATE, stop PARAMETERs and SYSTEM: `system` (the text a run
+    trained every example with, data.system_prompt), else the template's own default system message if any.
 
     Raises:
         LlamatuneError: If the template is not a per-role wrapper (it cannot be expressed this way).
@@ -45,8 +45,10 @@ def ollama_modelfile(tokenizer, gguf_name: str, adapter_name: str | None = None)
     lines = [f"FROM {gguf_name}"] + ([f"ADAPTER {adapter_name}"] if adapter_name else [])
     lines.append(f'TEMPLATE """{_go(preamble)}{_go_template(wrap, gen)}"""')
     lines += [f'PARAMETER stop "{s}"' for s in stop_strings(tokenizer, wrap)]
-    if default:  # the template adds a system message when none is given: Ollama's SYSTEM does the same
-        lines.append(f'SYSTEM """{default}"""')
+    if system and '"""' in system:
+        raise LlamatuneError(_NOT_A_WRAPPER.format(why='the system message contains """, which ends a Modelfile string'))
+    if system or default:  # Ollama puts SYSTEM first when a request has no system message, as training did
+        lines.append(f'SYSTEM """{system or default}"""')
     return "\n".join(lines) + "\n"
 
 
@@ -58,6 +60,24 @@ def default_system_message(tokenizer) -> str | None:
         return _default_system(tokenizer, _wrappers(tokenizer, preamble), preamble)
     except LlamatuneError:
         return None
+
+
+def system_block(tokenizer, content: str) -> str:
+    """The text a first system message with `content` renders to, without the template's preamble."""
+    preamble = _preamble(tokenizer)
+    head, tail = _wrapper(tokenizer, "system", preamble)
+    return head + content + tail
+
+
+def trained_system(run: Path | None) -> str | None:
+    """The system message a run trained every example with (data.system_prompt set to a text), from its manifest."""
+    import json
+
+    try:
+        decision = json.loads((run / "data_manifest.json").read_text()).get("system_prompt") or {}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    return decision.get("text") if decision.get("choice") == "text" else None
 
 
 def ollama_name(source: Path) -> str:

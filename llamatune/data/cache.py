@@ -22,7 +22,8 @@ from llamatune.fingerprint import sha256_file
 from llamatune.schema import DataSpec
 
 
-_FORMAT = 2  # bumped when the rows or the manifest change shape (2: drops per source with examples, read notes)
+_FORMAT = 3  # bumped when the rows or the manifest change shape (2: drops per source with examples, read notes;
+# 3: the system-prompt decision)
 
 
 def cache_key(spec: DataSpec, tokenizer, seed: int, file_hashes: dict[str, str]) -> str | None:

@@ -34,13 +34,52 @@ class Example:
         return sum(1 for t in self.labels if t != IGNORE_INDEX)
 
 
-def set_chat_template(tokenizer, choice: str) -> None:
-    """Applies data.chat_template: 'model' keeps the tokenizer's own, a name or Jinja text replaces it.
+SYSTEM_CHOICES = ("model-default", "none")
+
+
+def system_text(system_prompt: str | None) -> str | None:
+    """The system message data.system_prompt puts in every example: its text, or None for model-default / none."""
+    return None if system_prompt is None or system_prompt in SYSTEM_CHOICES else system_prompt
+
+
+def system_decision(system_prompt: str | None, tokenizer) -> dict:
+    """What data.system_prompt decided, for the manifest and every report: {"choice", "text"}."""
+    if system_text(system_prompt):
+        return {"choice": "text", "text": system_prompt}
+    if system_prompt == "none":
+        return {"choice": "none", "text": None}
+    from llamatune.artifacts.modelfile import default_system_message
+
+    return {"choice": "model-default", "text": default_system_message(tokenizer)}
+
+
+def describe_system(decision: dict | None) -> str:
+    """One line a person reads: which system message every example gets."""
+    if not decision:
+        return "system message: not recorded (a run made before llamatune recorded it)"
+    if decision["choice"] == "text":
+        return f"system message (data.system_prompt): {decision['text']!r}"
+    if decision["choice"] == "none":
+        return "system message: none (data.system_prompt: none)"
+    if decision["text"]:
+        return (f"system message: the chat template's default, {decision['text']!r} (data.system_prompt: model-default; "
+                "set none or a text to change it)")
+    return "system message: none (the chat template adds none; data.system_prompt: model-default)"
+
+
+def set_chat_template(tokenizer, choice: str, system_prompt: str | None = None) -> None:
+    """Applies data.chat_template: 'model' keeps the tokenizer's own, a name or Jinja text replaces it; with
+    data.system_prompt: none, the template's own default system message is taken out of it.
 
     The tokenizer is saved into the run directory afterwards, so inference renders exactly as training did.
+
+    Raises:
+        LlamatuneError: For no template, or a default system message that cannot be taken out.
     """
     if choice != "model":
         tokenizer.chat_template = NAMED_TEMPLATES.get(choice, choice)
+    if system_prompt == "none" and tokenizer.chat_template:
+        _drop_default_system(tokenizer)
     if not tokenizer.chat_template:
         raise LlamatuneError(
             "the tokenizer has no chat template, so prompts cannot be rendered the way the model will see them at "
@@ -113,6 +152,26 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) ->
                                f"{type(exc).__name__}: {exc}. Fix the template, or use data.chat_template: chatml"]) from None
         raise LlamatuneError(f"the chat template from {origin} fails on a conversation (roles: {roles}): "
                              f"{exc}. Fix the template there (or set data.chat_template: chatml and train again)") from None
+
+
+def _drop_default_system(tokenizer) -> None:
+    """Wraps the template so that a conversation without a system message renders none, where the template would
+    add its default: a marker system message is put first and its rendered block removed from the output."""
+    from llamatune.artifacts.modelfile import default_system_message, system_block
+
+    if default_system_message(tokenizer) is None:
+        return  # the template adds nothing by itself
+    marker = "\u2063LLAMATUNE-NO-SYSTEM\u2063"
+    block = system_block(tokenizer, marker)
+    tokenizer.chat_template = (
+        "{% set _lt_given = messages|length > 0 and messages[0]['role'] == 'system' %}"
+        "{% if not _lt_given %}{% set messages = [{'role': 'system', 'content': " + json.dumps(marker) + "}] + messages %}"
+        "{% endif %}{% set _lt_out %}" + tokenizer.chat_template + "{% endset %}"
+        "{% if _lt_given %}{{ _lt_out }}{% else %}{{ _lt_out | replace(" + json.dumps(block) + ", '', 1) }}{% endif %}")
+    rendered = render_chat(tokenizer, [{"role": "user", "content": "u"}], add_generation_prompt=True)
+    if default_system_message(tokenizer) is not None or marker in rendered:
+        raise LlamatuneError("data.system_prompt: none: the chat template's own system message could not be taken out "
+                             "of it; set data.system_prompt to a text, or data.chat_template to one without a default")
 
 
 def template_origin(tokenizer) -> str | None:

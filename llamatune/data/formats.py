@@ -82,7 +82,9 @@ def fill(template: str, fields: dict) -> str:
 
 
 def _opening(spec: SourceSpec, fields: dict, system_prompt: str | None) -> list[Turn]:
-    system = fill(spec.system, fields) if spec.system else system_prompt
+    from llamatune.data.encode import system_text
+
+    system = fill(spec.system, fields) if spec.system else system_text(system_prompt)
     return [Turn("system", system)] if system else []
 
 

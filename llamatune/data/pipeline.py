@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from llamatune.data import cache
 from llamatune.data.batches import Row, pack, unpacked
 from llamatune.data.drops import bounded, check_drops, count_drop, fields_nobody_has, longest_token_chars, nothing_left
-from llamatune.data.encode import Example, encode_document, encode_turns, end_of_turn_trained, set_chat_template
+from llamatune.data.encode import (Example, encode_document, encode_turns, end_of_turn_trained, set_chat_template,
+                                   system_decision)
 from llamatune.data.formats import FORMATS, Drop, RecordProblem, Rendered, fill
 from llamatune.data.leakage import normalized_key, overlap
 from llamatune.data.readers import read_source, source_files
@@ -51,7 +52,7 @@ def build_datasets(spec: DataSpec, tokenizer, seed: int, use_cache: bool = True)
         RecipeError: See _build.
     """
     if any(s.format != "text" for s in spec.train + (spec.eval or ())):
-        set_chat_template(tokenizer, spec.chat_template)
+        set_chat_template(tokenizer, spec.chat_template, spec.system_prompt)
     hashes = cache.file_hashes(spec)
     key = cache.cache_key(spec, tokenizer, seed, hashes) if use_cache else None
     hit = cache.load(key) if key else None
@@ -79,6 +80,8 @@ def _build(spec: DataSpec, tokenizer, seed: int, hashes: dict[str, str]) -> Data
             empty split.
     """
     manifest: dict = {"sources": [], "seed": seed, "notes": []}
+    if any(s.format != "text" for s in spec.train + (spec.eval or ())):
+        manifest["system_prompt"] = system_decision(spec.system_prompt, tokenizer)
     problems: list[str] = []
     train_items, eval_items = _render_all(spec, manifest, hashes, problems, spec.max_length * longest_token_chars(tokenizer))
     train_items = _dedup(train_items, spec.dedup, manifest, "train")

@@ -59,6 +59,10 @@ def _mark(ok: bool) -> str:
 def preview(data: Datasets, tokenizer, n: int, console: Console) -> None:
     """Prints the first n training examples: prompt tokens dim, trained tokens bold green."""
     examples = [e for row in data.train for e in row][:n]
+    if "system_prompt" in data.manifest:
+        from llamatune.data.encode import describe_system
+
+        console.print(describe_system(data.manifest["system_prompt"]), highlight=False, markup=False)
     for i, example in enumerate(examples):
         console.rule(f"example {i + 1} of {data.train_examples}: {len(example.input_ids)} tokens, "
                      f"{example.n_label_tokens} trained")
