@@ -129,6 +129,9 @@ def test_plain_model_folder_with_a_recipe_for_data(tiny_model_dir, tiny_recipe, 
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "e" / "eval.json").read_text())
     assert report["examples"] == 3 and set(report["metrics"]) >= {"loss", "perplexity", "exact_match", "f1", "rouge_l"}
+    assert "loss (n=3)" in result.output and "fewer than 30 examples, so the 95% intervals are unreliable" in result.output
+    assert any("intervals are unreliable" in warning for warning in report["warnings"])
+    assert "Warning: loss (n=3)" in (tmp_path / "e" / "eval.md").read_text()
     no_data = CliRunner().invoke(app, ["eval", str(tiny_model_dir)])
     assert no_data.exit_code == 2 and "--data is required" in no_data.output
     compare = CliRunner().invoke(app, ["eval", str(tiny_model_dir), "--data", str(tiny_recipe), "--compare", "base"])
@@ -256,3 +259,10 @@ def test_an_eval_set_with_nothing_left_names_the_data(fixed_answer_run, tmp_path
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert f"--data {bad}" in result.output and "field 'label' is in none of the 3 records" in result.output
     assert "the records have: other" in result.output
+
+
+def test_no_small_sample_warning_from_30_examples_on():
+    from llamatune.evaluate.report import small_samples
+
+    assert small_samples({"loss": {"n": 30}, "accuracy": {"n": 120}}) == []
+    assert "accuracy (n=29)" in small_samples({"loss": {"n": 30}, "accuracy": {"n": 29}})[0]

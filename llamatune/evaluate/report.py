@@ -62,6 +62,19 @@ def summarize(tuned: list[dict], base: list[dict] | None) -> dict:
     return out
 
 
+# Below this many examples a percentile bootstrap interval is too narrow and too unstable to lean on.
+MIN_RELIABLE_N = 30
+
+
+def small_samples(summary: dict) -> list[str]:
+    """One warning per metric measured on fewer than MIN_RELIABLE_N examples."""
+    few = [f"{name} (n={v['n']})" for name, v in summary.items() if v["n"] < MIN_RELIABLE_N]
+    if not few:
+        return []
+    return [f"{', '.join(few)}: fewer than {MIN_RELIABLE_N} examples, so the 95% intervals are unreliable "
+            "(too narrow and unstable); evaluate on more held-out data before trusting a difference"]
+
+
 def show(summary: dict, console: Console) -> None:
     """The metric table: base, tuned, Δ with 95% intervals."""
     compare = any("base" in v for v in summary.values())
@@ -107,6 +120,8 @@ def markdown(summary: dict, header: dict, samples: list[dict]) -> str:
     lines = [f"# Evaluation of {header['target']}", "", f"{header['examples']} held-out examples; 95% bootstrap intervals.", ""]
     for note in header.get("notes", []):
         lines += [f"Note: {note}.", ""]
+    for warning in header.get("warnings", []):
+        lines += [f"Warning: {warning}.", ""]
     lines += ["| metric | n | base | tuned | Δ tuned − base |", "|---|---|---|---|---|"]
     for name, v in summary.items():
         change = _fmt(v.get("delta"), signed=True) if "ratio" not in v else "×" + _fmt(v["ratio"])

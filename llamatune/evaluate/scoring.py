@@ -283,15 +283,17 @@ def run_eval(path: Path, data: list[str], compare_base: bool, generate: bool, li
             scores[name] = score(target, examples, adapter, generate, max_new_tokens, batch_size,
                                  progress=_ticker(bar, task, name, len(examples), console))
     summary = evalreport.summarize(scores["tuned"], scores.get("base"))
-    notes = _notes(examples, generate)
+    notes, warnings = _notes(examples, generate), evalreport.small_samples(summary)
     evalreport.show(summary, console)
     for note in notes:
         console.print(note, highlight=False)
+    for warning in warnings:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     samples = _samples(target.tokenizer, examples, scores)
     fingerprints = {name: _fingerprint(m) for name, m in manifests.items()}
     header = {"target": str(path), "examples": len(examples), "compare_base": compare_base, "generate": generate,
               "max_new_tokens": max_new_tokens, "data_fingerprints": fingerprints, "overlap_with_training": leaked,
-              "notes": notes}
+              "notes": notes, "warnings": warnings}
     evalreport.write(out_dir, summary, header, samples)
     if target.recipe is not None:
         from llamatune.recipe import redactor_of
