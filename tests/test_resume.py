@@ -233,8 +233,8 @@ def test_resumed_at_its_last_step_writes_the_last_loss_and_no_speed(reference, t
     assert written["resumed_from_step"] == TOTAL_STEPS and written["steps"] == TOTAL_STEPS
     assert written["final_train_loss"] == first.summary["final_train_loss"] == losses(ref)[TOTAL_STEPS]
     assert written["tokens_per_s"] is None and written["tokens"] == first.summary["tokens"]
-    assert written["null_reasons"] == {"tokens_per_s": f"no step ran in this session: resumed at step {TOTAL_STEPS} "
-                                                       f"of {TOTAL_STEPS}"}
+    reason = f"no step ran in this session: resumed at step {TOTAL_STEPS} of {TOTAL_STEPS}"
+    assert written["null_reasons"] == {"tokens_per_s": reason, "tokens_per_s_recent": reason}
     assert again.summary["eval_loss_after"] == first.summary["eval_loss_after"]
     assert_strict_json(tmp_path / "run")
 
@@ -284,8 +284,15 @@ def _reached(step: int):
     def match(line: str) -> bool:
         if step == 0:
             return line.startswith("data ")
-        return line.startswith("step ") and int(line.split()[1].split("/")[0]) >= step
+        return (step_of(line) or 0) >= step
     return match
+
+
+def step_of(line: str) -> int | None:
+    """The step of a finished-step progress line (`03:12:45 step 3/12  loss ...`), None for any other line (the
+    heartbeat `step 4/12 running` included)."""
+    words = line.split()
+    return int(words[2].split("/")[0]) if len(words) > 3 and words[1] == "step" and words[3] == "loss" else None
 
 
 def _where(run: Path) -> str:
@@ -324,7 +331,7 @@ def test_sigkill_at_random_instants_then_resume_auto_until_done_is_exact(referen
         proc.kill()
         proc.wait(60)
         lines._thread.join(5)
-        steps = [(at, line.split()[1]) for at, line in lines.lines if line.startswith("step ")]
+        steps = [(at, line.split()[2]) for at, line in lines.lines if step_of(line) is not None]
         if len(steps) > 2:  # this machine's step time right now: the delays follow its load
             step_s = (steps[-1][0] - steps[0][0]) / (len(steps) - 1)
         what = ("after launch" if anchor == "launch" else f"after the step {anchor} line" if anchor else

@@ -145,24 +145,3 @@ def test_a_one_point_loss_curve_is_drawn_with_markers(tmp_path, monkeypatch):
     monkeypatch.setattr(Axes, "plot", lambda self, *a, **k: calls.append(k) or real(self, *a, **k))
     assert write_loss_curve(tmp_path).read_bytes()[:4] == b"\x89PNG"
     assert calls[0]["label"] == "train" and calls[0]["marker"] == "o"
-
-
-def test_plain_progress_never_goes_quiet_and_labels_its_rates():
-    """In a log (no terminal), log_every larger than the run still prints the first and last step, and a slow step
-    prints at once when the quiet interval has passed."""
-    import io
-    import time
-
-    from rich.console import Console
-
-    from llamatune.train.progress import TrainProgress
-
-    log = io.StringIO()
-    with TrainProgress(5, Console(file=log, width=200), every=10, quiet_s=0.2) as progress:
-        for step in range(1, 6):
-            if step == 3:
-                time.sleep(0.25)  # a slow step: past the quiet interval
-            progress.update(step, 1.0, 1e-3, 100.0, tokens=50)
-    lines = log.getvalue().splitlines()
-    assert [line.split()[1] for line in lines] == ["1/5", "3/5", "5/5"]
-    assert "100 tok/s (this step), " in lines[0] and " average" in lines[0]

@@ -21,6 +21,7 @@ import os
 import random
 import shutil
 import signal
+import time
 from pathlib import Path
 
 from llamatune import strictjson
@@ -28,14 +29,18 @@ from llamatune.errors import LlamatuneError
 from llamatune.fingerprint import sha256_file
 
 FILES = ("adapter.safetensors", "optimizer.pt", "state.json")  # plus rng-<rank>.pt per process
-FAULT_ENV = "LLAMATUNE_FAULT"  # test hook: kill the process at a named point (see fault())
+FAULT_ENV = "LLAMATUNE_FAULT"  # test hook: kill the process at a named point, or make it slow there (see fault())
 
 
 def fault(point: str) -> None:
     """SIGKILLs this process when $LLAMATUNE_FAULT names `point`: how the tests prove that a kill at
-    any instant of checkpointing leaves a resumable run. Does nothing otherwise."""
-    if os.environ.get(FAULT_ENV) == point:
+    any instant of checkpointing leaves a resumable run. `slow:SECONDS:POINT` sleeps there instead (how the tests
+    make a step slow, to see that progress lines keep coming). Does nothing otherwise."""
+    wanted = os.environ.get(FAULT_ENV)
+    if wanted == point:
         os.kill(os.getpid(), signal.SIGKILL)
+    elif wanted and wanted.startswith("slow:") and wanted.split(":", 2)[2:] == [point]:
+        time.sleep(float(wanted.split(":")[1]))
 
 
 def save(checkpoints: Path, step: int, model, optimizer, state: dict, keep_last: int, acc) -> Path:

@@ -22,6 +22,7 @@ from llamatune.data.encode import IGNORE_INDEX
 from llamatune.data.pipeline import fingerprint
 from llamatune.errors import LlamatuneError, RecipeError
 from llamatune.memory import active_allocator, peak_rss_gib
+from llamatune.progress import Phase
 from llamatune.recipe import Recipe, recipe_to_yaml, redactor_of
 from llamatune.secrets import scrub
 from llamatune.train import checkpoint
@@ -131,8 +132,10 @@ def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, 
     t_load = time.perf_counter()
     quantized = recipe.quantization.mode != "none"
     sharded = acc.distributed_type.name == "FSDP"  # not testable without GPUs: see README, multi-GPU
-    base = models.load_base(ref, recipe.model, recipe.quantization, device_map={"": str(acc.device)}, sharded=sharded,
-                            precision=precision)
+    with Phase(console, f"model: loading {ref}" + (f" in {recipe.quantization.mode}" if quantized else ""),
+               enabled=acc.is_main_process):
+        base = models.load_base(ref, recipe.model, recipe.quantization, device_map={"": str(acc.device)}, sharded=sharded,
+                                precision=precision)
     model = models.apply_lora(base, recipe.lora, quantized, cfg.gradient_checkpointing)
     if acc.device.type == "cpu":  # CUDA's fused dropout is cheap; the CPU Bernoulli sampler is not
         use_fast_dropout(model)
@@ -185,9 +188,19 @@ def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, 
     metrics = MetricsLog(run_dir / "metrics.jsonl" if acc.is_main_process else None,
                          run_dir / "tensorboard" if cfg.tensorboard else None)
 
+    eval_before_on = evaluate_held_out and cfg.eval_before
+    progress = TrainProgress(total_steps, console, cfg.log_every, acc.is_main_process,
+                             cfg.eval_every if evaluate_held_out else 0, evaluate_held_out)
+
     def evaluate(step: int) -> float:
-        loss = _held_out_loss(model, data.eval, cfg.micro_batch_size, tokenizer.pad_token_id, acc, autocast)
-        metrics.write(step=step, eval_loss=loss)
+        t0 = time.perf_counter()
+        progress.hold(True)  # the pass prints its own lines
+        batches = eval_order(data.eval, cfg.micro_batch_size)[acc.process_index :: acc.num_processes]
+        with Phase(console, f"held-out pass at step {step}", len(batches), "batches", acc.is_main_process) as phase:
+            loss = _held_out_loss(model, data.eval, batches, tokenizer.pad_token_id, acc, autocast, phase.advance)
+        progress.hold(False)
+        progress.held_out_pass(time.perf_counter() - t0)
+        metrics.write(step=step, eval_loss=loss, eval_s=round(time.perf_counter() - t0, 2))
         say(f"held-out loss at step {step}: {loss:.4f}")
         return loss
 
@@ -199,13 +212,15 @@ def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, 
                  "scheduler": scheduler.state_dict(), "data_fingerprint": data_fingerprint}
         return checkpoint.save(run_dir / "checkpoints", step, acc.unwrap_model(model), optimizer, state, cfg.keep_last, acc)
 
-    if eval_before is None and evaluate_held_out:
+    if eval_before is None and eval_before_on:
         eval_before = evaluate(0)
+    elif eval_before is None and evaluate_held_out:
+        say("held-out pass before training: skipped (train.eval_before: false); summary.json has no eval_loss_before")
     if ckpt is not None:
         checkpoint.restore_rng(ckpt, rank)  # last, so nothing above consumes the restored randomness
 
     # ---- the loop: step s reads micro-batches [k*accum, (k+1)*accum) of epoch s // steps_per_epoch ----
-    started, tokens_before, done, bad, orders = time.perf_counter(), tokens_seen, start, 0, {}
+    started, done, bad, orders = time.perf_counter(), start, 0, {}
     # A run that stopped early is over: resumed from its last checkpoint, it must not train on.
     stopped_early = bool(cfg.early_stopping_patience) and waited >= cfg.early_stopping_patience
     last = start if stopped_early else total_steps
@@ -214,8 +229,7 @@ def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, 
     # Under autocast, peft's LoRA layers would copy each input to the adapter's fp32 and autocast would copy
     # it back to bf16 for the matmul: two copies per adapted layer and step, for nothing.
     lean_casts = disable_input_dtype_casting(model, active=precision in ("bf16", "fp16"))
-    with resume_from.StopSignals(extra) as stop, TrainProgress(total_steps, console, cfg.log_every, acc.is_main_process) as progress, \
-            lean_casts:
+    with resume_from.StopSignals(extra) as stop, progress, lean_casts:
         for step in range(start, last):
             epoch, k = divmod(step, steps_per_epoch)
             if epoch not in orders:  # the order depends only on (seed, epoch): resume lands on the same batches
@@ -257,11 +271,10 @@ def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, 
             real = sum(len(e.input_ids) for rows in groups for row in rows for e in row)
             n_tokens = int(acc.reduce(torch.tensor(real, device=acc.device), "sum"))
             tokens_seen += n_tokens
-            tps = n_tokens / (time.perf_counter() - t0)
-            progress.update(done, loss, lr, tps, n_tokens)
+            progress.update(done, loss, lr, n_tokens, time.perf_counter() - t0)
             if done % cfg.log_every == 0 or done == total_steps:
-                metrics.write(step=done, epoch=epoch, loss=loss, lr=lr, tokens=tokens_seen,
-                              tokens_per_s=round(tps, 1), elapsed_s=round(time.perf_counter() - started, 2))
+                metrics.write(step=done, epoch=epoch, loss=loss, lr=lr, tokens=tokens_seen, **progress.rates(),
+                              elapsed_s=round(time.perf_counter() - started, 2))
             checkpoint.fault(f"step:{done}")
             if bad >= cfg.max_bad_steps:
                 path = save(done)
@@ -301,8 +314,10 @@ def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, 
         "resumed_from_step": start or None,
         "skipped_steps": skipped,
         "tokens": tokens_seen,
-        # this process's tokens over this process's time (tokens_seen counts earlier sessions too)
-        "tokens_per_s": round((tokens_seen - tokens_before) / train_s, 1) if ran else None,
+        # this session's tokens (all processes) over its step time, held-out passes excluded (tokens_seen counts
+        # earlier sessions too); recent: the last steps, which a warm-up does not drag down
+        "tokens_per_s": progress.rates()["tokens_per_s"] if ran else None,
+        "tokens_per_s_recent": progress.rates()["tokens_per_s_recent"] if ran else None,
         "train_wall_s": round(train_s, 2),
         "model_load_s": round(load_s, 2),
         "final_train_loss": loss,
@@ -320,7 +335,10 @@ def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, 
         "data_fingerprint": data_fingerprint,
     }
     if not ran:
-        summary["null_reasons"] = {"tokens_per_s": f"no step ran in this session: resumed at step {start} of {total_steps}"}
+        reason = f"no step ran in this session: resumed at step {start} of {total_steps}"
+        summary["null_reasons"] = {"tokens_per_s": reason, "tokens_per_s_recent": reason}
+    if eval_before is None and evaluate_held_out:
+        summary.setdefault("null_reasons", {})["eval_loss_before"] = "train.eval_before: false skipped the pass"
     acc.wait_for_everyone()
     metrics.close()
     if acc.is_main_process:
@@ -332,12 +350,14 @@ def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, 
         # last: summary.json beside adapter/ marks a finished run
         write_summary(run_dir, redactor_of(recipe).data(summary))
     say(f"[bold green]done[/] run directory: {run_dir}"
-        + (f"  held-out loss {eval_before:.4f} → {eval_after:.4f}" if eval_after is not None else ""))
+        + (f"  held-out loss {eval_before:.4f} → {eval_after:.4f}" if eval_after is not None and eval_before is not None
+           else f"  held-out loss {eval_after:.4f}" if eval_after is not None else ""))
     return TrainResult(summary=summary, model=acc.unwrap_model(model))
 
 
-def _held_out_loss(model, rows, batch_size: int, pad_id: int, acc, autocast) -> float:
-    """Token-weighted mean loss over the held-out examples, summed across processes."""
+def _held_out_loss(model, rows, batches: list, pad_id: int, acc, autocast, tick) -> float:
+    """Token-weighted mean loss over the held-out examples (this process's `batches` of row indices), summed across
+    processes; `tick()` after each batch."""
     import torch
 
     from llamatune.train.loss import summed_loss
@@ -345,11 +365,12 @@ def _held_out_loss(model, rows, batch_size: int, pad_id: int, acc, autocast) -> 
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for idx in eval_order(rows, batch_size)[acc.process_index :: acc.num_processes]:
+        for idx in batches:
             batch = {k: v.to(acc.device) for k, v in collate([rows[i] for i in idx], pad_id).items()}
             with autocast():
                 summed, n = summed_loss(model, batch)
             total, count = total + summed.item(), count + n
+            tick()
     total = float(acc.reduce(torch.tensor(total, device=acc.device), "sum"))
     count = int(acc.reduce(torch.tensor(count, device=acc.device), "sum"))
     return total / max(count, 1)
