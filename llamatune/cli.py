@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-
 from rich.markup import escape
+from typer.core import TyperCommand, TyperGroup
 
 from llamatune import __version__
 from llamatune.errors import LlamatuneError, RecipeError
@@ -19,20 +19,45 @@ from llamatune.terminal import err, out
 from llamatune.terminal import quiet_libraries as _quiet_libraries
 from llamatune.terminal import run as _run
 
-app = typer.Typer(
+def _flag_help(option):
+    """--help takes no value: no `<bool>` type beside it (typer labels a flag like an option with a value)."""
+    if option is not None:
+        option.metavar = ""
+    return option
+
+
+class _Command(TyperCommand):
+    def get_help_option(self, ctx):
+        return _flag_help(super().get_help_option(ctx))
+
+
+class _Group(TyperGroup):
+    def get_help_option(self, ctx):
+        return _flag_help(super().get_help_option(ctx))
+
+
+class _App(typer.Typer):
+    """typer.Typer whose commands are _Command."""
+
+    def command(self, *args, **kwargs):
+        return super().command(*args, cls=kwargs.pop("cls", _Command), **kwargs)
+
+
+app = _App(
+    cls=_Group,
     help="Fine-tune Llama-family models with LoRA/QLoRA from YAML recipes, offline, on CPU or GPU.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,  # bugs get a plain traceback; user errors never reach here
 )
-models_app = typer.Typer(help="Builtin models: list them, or fetch one into the cache ahead of time.", no_args_is_help=True)
+models_app = _App(cls=_Group, help="Builtin models: list them, or fetch one into the cache ahead of time.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
-data_app = typer.Typer(help="Inspect what the data pipeline makes of a recipe's data, before training.", no_args_is_help=True)
+data_app = _App(cls=_Group, help="Inspect what the data pipeline makes of a recipe's data, before training.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 RecipeArg = typer.Argument(..., help="YAML recipe file (see recipes/).", show_default=False)
 SetOpt = typer.Option(
-    None, "--set", help="Override a recipe key, value parsed as YAML: --set train.lr=1e-4 --set lora.r=8",
+    None, "--set", metavar="KEY=VALUE", help="Override a recipe key, value parsed as YAML: --set train.lr=1e-4 --set lora.r=8",
     show_default=False,
 )
 
@@ -45,7 +70,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(False, "--version", metavar="", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
     """Fine-tune Llama-family models with LoRA/QLoRA."""
 
@@ -89,9 +114,11 @@ def train(
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Write the run here instead of output.dir/output.name."),
     resume: Optional[str] = typer.Option(None, "--resume", help="'auto' (newest complete checkpoint of the run, or a fresh "
                                          "start) or a checkpoint folder."),
-    force_resume: bool = typer.Option(False, "--force-resume", help="Resume even if the recipe or data changed."),
+    force_resume: bool = typer.Option(False, "--force-resume", metavar="", help="Resume even if the recipe or data changed."),
     save_on_signal: Optional[str] = typer.Option(None, "--save-on-signal", help="Also checkpoint and stop on this signal, "
                                                  "e.g. USR1 with Slurm's --signal=USR1@120."),
+    no_eval_before: bool = typer.Option(False, "--no-eval-before", metavar="", help="Skip the held-out pass before the first step "
+                                        "(the same as --set train.eval_before=false; recorded in the run's recipe)."),
 ) -> None:
     """Fine-tune a LoRA adapter as RECIPE says and write a run directory.
 
@@ -99,7 +126,7 @@ def train(
     """
 
     def body() -> None:
-        parsed, _ = _load_checked(recipe, overrides)
+        parsed, _ = _load_checked(recipe, [*(overrides or []), *(["train.eval_before=false"] if no_eval_before else [])])
         if save_on_signal is not None:
             import signal
 
@@ -198,7 +225,7 @@ def bench_command(
     recipe: Path = RecipeArg,
     overrides: Optional[List[str]] = SetOpt,
     steps: int = typer.Option(5, "--steps", min=2, help="Training steps to time (the first one is not counted)."),
-    profile: bool = typer.Option(False, "--profile", help="Also list the operations that took the most time."),
+    profile: bool = typer.Option(False, "--profile", metavar="", help="Also list the operations that took the most time."),
 ) -> None:
     """Time a few real training steps of RECIPE here: tokens/s, peak memory, and the projected time of the full run."""
 
@@ -226,7 +253,7 @@ def merge_command(
     run: Path = typer.Argument(..., help="A run directory.", show_default=False),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: RUN/merged); never overwritten."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 | fp16: dtype of the merged weights."),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="Refuse to write if the merged model's logits drift "
+    verify: bool = typer.Option(True, "--verify/--no-verify", metavar="", help="Refuse to write if the merged model's logits drift "
                                 "from base+adapter beyond the dtype's threshold."),
 ) -> None:
     """Merge RUN's adapter into its full-precision base; verify parity; write a plain transformers folder."""
@@ -285,7 +312,7 @@ def eval_command(
                                              "data file read like its training data. Default: the run's held-out data."),
     compare: Optional[str] = typer.Option(None, "--compare", help="'base': also score the base model (adapter off) "
                                           "on the same examples and report the difference."),
-    generate: bool = typer.Option(True, "--generate/--no-generate", help="Generate answers for open questions (EM, F1, ROUGE-L)."),
+    generate: bool = typer.Option(True, "--generate/--no-generate", metavar="", help="Generate answers for open questions (EM, F1, ROUGE-L)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N examples."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Report folder (default: RUN/eval)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Generation length limit."),

@@ -67,9 +67,11 @@ def hold(target: Path, what: str, wait: bool = False, say: Callable[[str], None]
                 os.close(fd)
                 raise Busy(f"{target} is being written by another llamatune process ({holder}); "
                            f"wait for it to finish, or write elsewhere") from None
-            if say is not None:
-                say(f"waiting for another llamatune process ({holder}) that is {what} {target}")
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            from llamatune.progress import Phase
+
+            with Phase(say or (lambda _: None), f"waiting for another llamatune process ({holder}) that is {what} "
+                       f"{target}", enabled=say is not None):
+                fcntl.flock(fd, fcntl.LOCK_EX)
         # The holder before us unlinks the file on release: if ours is no longer the file at `path`,
         # a third process may lock a new one, so start over on the current file.
         try:

@@ -95,7 +95,7 @@ def check(recipe: Recipe, source: str | None, say: Callable[[str], None] = print
     ref = models.resolve(recipe.model, say)
     tokenizer = models.load_tokenizer(ref, recipe.model.revision, recipe.model.trust_remote_code)
     try:
-        data = build_datasets(recipe.data, tokenizer, recipe.train.seed)
+        data = build_datasets(recipe.data, tokenizer, recipe.train.seed, say=say)
     except RecipeError as exc:
         raise RecipeError(place(recipe, exc.problems), source=source) from None
     show_data(data.manifest, say)

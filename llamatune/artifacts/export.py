@@ -19,6 +19,7 @@ from llamatune.artifacts.files import check_output, fix_for_model, opened
 from llamatune.artifacts.gguf_vocab import add_tokenizer
 from llamatune.artifacts.modelfile import ollama_modelfile, ollama_name
 from llamatune.errors import LlamatuneError
+from llamatune.progress import Phase
 
 # Hugging Face Llama layer module → llama.cpp tensor name (also what a GGUF LoRA adapter names its pairs after).
 LAYER_TENSORS = {
@@ -125,7 +126,8 @@ def _write_gguf(source: Path, out: Path, quant: str, say: Callable[[str], None] 
 
     from llamatune.artifacts import export_report
 
-    config, model, own = _open_model(source)
+    with Phase(say, f"export: loading {source}"):
+        config, model, own = _open_model(source)
     tokenizer = own if tokenizer is None else tokenizer
     tensors = list(_tensors(model, config))
     types = tensor_types(tensors, config, quant)
@@ -134,17 +136,20 @@ def _write_gguf(source: Path, out: Path, quant: str, say: Callable[[str], None] 
         writer = gguf.GGUFWriter(str(tmp), "llama")
         _add_hyperparameters(writer, source, config, quant)
         add_tokenizer(writer, tokenizer, config.vocab_size)
-        for i, (name, tensor) in enumerate(tensors):
-            if i % 20 == 0 and types[name] not in ("F16", "F32"):
-                say(f"quantizing {quant_label(quant)}: tensor {i + 1}/{len(tensors)}")
-            _add_tensor(writer, name, tensor, types[name])
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        report = {"source": str(source), "quant": quant, "file": export_report.file_facts(tmp),
-                  "tokenizer": export_report.check_tokenizer(tmp, tokenizer)}
-        report["quality"] = export_report.quality(tmp, model, tokenizer, source, say)
+        with Phase(say, f"export: {quant_label(quant)} tensors", len(tensors), "tensors") as phase:
+            for name, tensor in tensors:
+                _add_tensor(writer, name, tensor, types[name])
+                phase.advance(note=f"{name} {types[name]}")
+        with Phase(say, f"export: writing {out.name}"):
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+        with Phase(say, "export: checking the tokenizer in llama.cpp"):
+            report = {"source": str(source), "quant": quant, "file": export_report.file_facts(tmp),
+                      "tokenizer": export_report.check_tokenizer(tmp, tokenizer)}
+        with Phase(say, "export: measuring quality against the source"):
+            report["quality"] = export_report.quality(tmp, model, tokenizer, source, say)
         os.replace(tmp, out)
         return report
     finally:

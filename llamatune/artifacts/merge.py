@@ -16,6 +16,7 @@ from llamatune import model as models
 from llamatune import strictjson
 from llamatune.errors import LlamatuneError
 from llamatune.recipe import load_recipe, redactor_of
+from llamatune.progress import Phase
 from llamatune.secrets import scrub
 from llamatune.train.checkpoint import fault
 
@@ -52,7 +53,8 @@ def merge(run_dir: Path, out: Path | None = None, dtype: str = "fp32", verify: b
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         try:
-            merged.save_pretrained(staging, max_shard_size="2GB")
+            with Phase(say, f"merge: writing {staging}"):
+                merged.save_pretrained(staging, max_shard_size="2GB")
             fault("merge:after-weights")
             tokenizer.save_pretrained(staging)
             strictjson.write(staging / "merge_report.json", report)
@@ -82,19 +84,26 @@ def _merged_model(run_dir: Path, recipe, dtype: str, verify: bool, say: Callable
 
     ref = models.resolve(recipe.model, say)
     tokenizer = run_tokenizer(run_dir)
-    base = models.load_base(ref, recipe.model.model_copy(update={"dtype": "float32"}), QuantizationSpec())
-    unmerged = with_adapter(base, run_dir).eval()
+    with Phase(say, f"merge: loading {ref} in float32 and the adapter"):
+        base = models.load_base(ref, recipe.model.model_copy(update={"dtype": "float32"}), QuantizationSpec())
+        unmerged = with_adapter(base, run_dir).eval()
     examples, _ = eval_examples(Target(unmerged, tokenizer, True, str(run_dir), recipe), [], 8)
     # A window of plain text may have no prompt at all: the whole window is the input then.
     prompts = [torch.tensor([list(e.input_ids) if e.document else prompt_ids(e)]) for e in examples]
-    with torch.no_grad():
-        reference = [unmerged(input_ids=p).logits.float() for p in prompts]
-    merged = unmerged.merge_and_unload().to(getattr(torch, _DTYPES[dtype])).eval()
+    with torch.no_grad(), Phase(say, "merge: reference logits of base + adapter", len(prompts), "prompts") as phase:
+        reference = []
+        for p in prompts:
+            reference.append(unmerged(input_ids=p).logits.float())
+            phase.advance()
+    with Phase(say, f"merge: merging the adapter, weights to {dtype}"):
+        merged = unmerged.merge_and_unload().to(getattr(torch, _DTYPES[dtype])).eval()
     merged.config.use_cache = True  # training turned it off; inference wants it
-    report = {"run": str(run_dir), "base": ref, "dtype": dtype, "prompts": len(prompts),
-              "merged_vs_unmerged": compare_logits(merged, prompts, reference)}
+    with Phase(say, "merge: parity check of the merged model", len(prompts), "prompts") as phase:
+        parity = compare_logits(merged, prompts, reference, tick=phase.advance)
+    report = {"run": str(run_dir), "base": ref, "dtype": dtype, "prompts": len(prompts), "merged_vs_unmerged": parity}
     if recipe.quantization.mode != "none":
-        report["trained_4bit_vs_merged"] = _quantized_gap(run_dir, recipe, ref, merged, prompts)
+        with Phase(say, "merge: the trained 4-bit model vs the merged one"):
+            report["trained_4bit_vs_merged"] = _quantized_gap(run_dir, recipe, ref, merged, prompts)
     _check(report["merged_vs_unmerged"], dtype, verify)
 
     eos = [tokenizer.eos_token_id] + [i for i in _as_list(merged.generation_config.eos_token_id) if i != tokenizer.eos_token_id]
@@ -103,13 +112,14 @@ def _merged_model(run_dir: Path, recipe, dtype: str, verify: bool, say: Callable
     return merged, tokenizer, report
 
 
-def compare_logits(model, prompts, reference) -> dict:
+def compare_logits(model, prompts, reference, tick: Callable[[], None] = lambda: None) -> dict:
     """max |Δlogit|, mean KL(reference ‖ model) per position, and greedy-token agreement.
 
     Args:
         model: The model under test (a causal LM).
         prompts: Token id tensors [1, T], one per prompt.
         reference: The reference model's logits for each prompt [1, T, vocab].
+        tick: Called after each prompt (progress).
     """
     import torch
 
@@ -122,6 +132,7 @@ def compare_logits(model, prompts, reference) -> dict:
                                                         reduction="none").sum(-1).mean()))
             agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
             total += ref.shape[1]
+            tick()
     return {"max_abs_logit": worst, "mean_kl": sum(kls) / max(len(kls), 1), "greedy_agreement": agree / max(total, 1)}
 
 
@@ -157,8 +168,8 @@ def _model_card(run_dir: Path, recipe, ref: str, report: dict) -> str:
         f"{recipe.lora.target_modules}) merged in {report['dtype']} by llamatune.", "",
         f"- Training data: {sources or 'see recipe.yaml'}; data fingerprint {(summary.get('data_fingerprint') or _fp(manifest))[:16]}",
         f"- {_system_line(manifest)}",
-        f"- Steps: {summary.get('steps', '?')}; held-out loss {summary.get('eval_loss_before', float('nan')):.4f} → "
-        f"{summary.get('eval_loss_after', float('nan')):.4f}",
+        f"- Steps: {summary.get('steps', '?')}; held-out loss {_loss(summary.get('eval_loss_before'))} → "
+        f"{_loss(summary.get('eval_loss_after'))}",
         f"- Parity with base + adapter on {report['prompts']} held-out prompts: max |Δlogit| "
         f"{report['merged_vs_unmerged']['max_abs_logit']:.2e}, greedy agreement {report['merged_vs_unmerged']['greedy_agreement']:.1%}",
     ]
@@ -173,6 +184,11 @@ def _model_card(run_dir: Path, recipe, ref: str, report: dict) -> str:
     lines += ["", "## License", "", "This model inherits the license of its base model; the fine-tuning data's licenses "
               "apply to what it learned. Check both before distributing it.", ""]
     return "\n".join(lines)
+
+
+def _loss(value) -> str:
+    """A held-out loss for the card; a pass that was not run (train.eval_before: false) says so."""
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "not measured"
 
 
 def _system_line(manifest: dict) -> str:

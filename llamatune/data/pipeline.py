@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 from llamatune.data import cache
 from llamatune.data.batches import Row, pack, unpacked
@@ -17,6 +18,7 @@ from llamatune.data.leakage import normalized_key, overlap
 from llamatune.data.readers import read_source, source_files
 from llamatune.data.records import Record, SourceKeyError
 from llamatune.errors import RecipeError
+from llamatune.progress import Phase
 from llamatune.schema import DataSpec, SourceSpec
 
 
@@ -42,11 +44,13 @@ class _Item:
     source: int  # index of its source in data.train / data.eval
 
 
-def build_datasets(spec: DataSpec, tokenizer, seed: int, use_cache: bool = True) -> Datasets:
+def build_datasets(spec: DataSpec, tokenizer, seed: int, use_cache: bool = True,
+                   say: Callable[[str], None] | None = None) -> Datasets:
     """Builds train and held-out rows from the recipe's data section, or reads them from the cache
     (keyed on file contents, tokenizer, template and the data section; see cache.py).
 
     The tokenizer's chat template is set here (data.chat_template), so it is the one saved with the run.
+    With `say`, each source read and each split tokenized is a progress phase (progress.Phase) printed there.
 
     Raises:
         RecipeError: See _build.
@@ -58,14 +62,16 @@ def build_datasets(spec: DataSpec, tokenizer, seed: int, use_cache: bool = True)
     hit = cache.load(key) if key else None
     if hit is not None:
         train_rows, eval_rows, manifest = hit
+        if say is not None:
+            say(f"data: {len(train_rows)} train / {len(eval_rows)} held-out rows from the cache (files unchanged)")
         return Datasets(train=train_rows, eval=eval_rows, manifest={**manifest, "cache": {"key": key, "hit": True}})
-    data = _build(spec, tokenizer, seed, hashes)
+    data = _build(spec, tokenizer, seed, hashes, say)
     if key:
         cache.save(key, data.train, data.eval, data.manifest)
     return Datasets(train=data.train, eval=data.eval, manifest={**data.manifest, "cache": {"key": key, "hit": False}})
 
 
-def _build(spec: DataSpec, tokenizer, seed: int, hashes: dict[str, str]) -> Datasets:
+def _build(spec: DataSpec, tokenizer, seed: int, hashes: dict[str, str], say: Callable[[str], None] | None) -> Datasets:
     """Builds train and held-out rows from the recipe's data section.
 
     Order matters: duplicates are removed from the whole training pool before a held-out share is
@@ -83,7 +89,8 @@ def _build(spec: DataSpec, tokenizer, seed: int, hashes: dict[str, str]) -> Data
     if any(s.format != "text" for s in spec.train + (spec.eval or ())):
         manifest["system_prompt"] = system_decision(spec.system_prompt, tokenizer)
     problems: list[str] = []
-    train_items, eval_items = _render_all(spec, manifest, hashes, problems, spec.max_length * longest_token_chars(tokenizer))
+    train_items, eval_items = _render_all(spec, manifest, hashes, problems, spec.max_length * longest_token_chars(tokenizer),
+                                          say)
     train_items = _dedup(train_items, spec.dedup, manifest, "train")
     if spec.eval is not None:
         manifest["split"] = {"held_out": "eval sources"}
@@ -94,8 +101,8 @@ def _build(spec: DataSpec, tokenizer, seed: int, hashes: dict[str, str]) -> Data
     eval_items = _dedup(eval_items, spec.dedup, manifest, "eval")
     problems += _check_overlap(train_items, eval_items, spec.max_overlap, manifest)
 
-    train = _weighted(_encode_all(train_items, tokenizer, spec, manifest, "train"), spec.train, seed)
-    held_out = [e for _, examples in _encode_all(eval_items, tokenizer, spec, manifest, "eval") for e in examples]
+    train = _weighted(_encode_all(train_items, tokenizer, spec, manifest, "train", say), spec.train, seed)
+    held_out = [e for _, examples in _encode_all(eval_items, tokenizer, spec, manifest, "eval", say) for e in examples]
     problems += check_drops(manifest, spec.max_drop_fraction)
     for name, examples in (("train", train), ("eval", held_out)):
         if not examples and not problems:
@@ -119,11 +126,15 @@ def check_records(spec: DataSpec) -> None:
 
 
 def _render_all(spec: DataSpec, manifest: dict, hashes: dict[str, str], problems: list[str],
-                max_chars: int | None) -> tuple[list[_Item], list[_Item]]:
+                max_chars: int | None, say: Callable[[str], None] | None = None) -> tuple[list[_Item], list[_Item]]:
     """Every source rendered into items, drops counted; raises when rendering alone already shows a problem."""
     def render(split: str, sources: tuple[SourceSpec, ...]) -> list[_Item]:
-        return [item for k, source in enumerate(sources)
-                for item in _render_source(k, source, spec, split, manifest, hashes, problems, max_chars)]
+        items = []
+        for k, source in enumerate(sources):
+            with Phase(say or _silent, f"data: reading data.{split}.{k} ({source.path})", enabled=say is not None) as phase:
+                items += _render_source(k, source, spec, split, manifest, hashes, problems, max_chars)
+                phase.note = f"{manifest['sources'][-1]['records']:,} records"
+        return items
 
     train_items = render("train", spec.train)
     eval_items = render("eval", spec.eval) if spec.eval is not None else []
@@ -269,8 +280,19 @@ def _weighted(encoded: list[tuple[_Item, list[Example]]], sources: tuple[SourceS
     return out
 
 
-def _encode_all(items: list[_Item], tokenizer, spec: DataSpec, manifest: dict, split: str) -> list[tuple[_Item, list[Example]]]:
+def _encode_all(items: list[_Item], tokenizer, spec: DataSpec, manifest: dict, split: str,
+                say: Callable[[str], None] | None = None) -> list[tuple[_Item, list[Example]]]:
     """Tokenizes and masks every item; length drops are counted per split and on the item's source."""
+    with Phase(say or _silent, f"data: tokenizing {split}", len(items), "examples", enabled=say is not None) as phase:
+        return _encode_items(items, tokenizer, spec, manifest, split, phase.advance)
+
+
+def _silent(_: str) -> None:
+    pass
+
+
+def _encode_items(items: list[_Item], tokenizer, spec: DataSpec, manifest: dict, split: str,
+                  tick: Callable[[], None]) -> list[tuple[_Item, list[Example]]]:
     encoded: list[tuple[_Item, list[Example]]] = []
     dropped: Counter = Counter(manifest.get("length", {}).get(split, {}))  # too_long by characters, when rendered
     missing_eot = chat_examples = 0
@@ -282,6 +304,7 @@ def _encode_all(items: list[_Item], tokenizer, spec: DataSpec, manifest: dict, s
         entries[item.source]["examples"] -= 1
 
     for item in items:
+        tick()
         if item.rendered.document is not None:
             encoded.append((item, encode_document(tokenizer, item.rendered.document, spec.max_length, spec.text_overlap)))
             continue

@@ -3,7 +3,7 @@ the full run; put the measured peak memory next to `llamatune plan`'s estimate.
 
 The steps run through the same train() as `llamatune train` (same batches, precision, loss), into a
 temporary run directory, without the held-out evaluations; one held-out batch is timed separately to
-project the two evaluations every run does (before and after training).
+project the held-out passes of the full run (before, every eval_every steps, after).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from llamatune.progress import Phase
 
 
 def run_bench(recipe_path: Path, overrides: list[str], steps: int, console: Console, profile: bool = False) -> dict:
@@ -42,14 +44,16 @@ def run_bench(recipe_path: Path, overrides: list[str], steps: int, console: Cons
     recipe = load_recipe(recipe_path, overrides)
     short = load_recipe(recipe_path, [*overrides, "train.epochs=null", f"train.max_steps={steps}", "train.log_every=1", "train.save_every=null",
                                       "train.tensorboard=false"])
-    quiet = Console(quiet=True)
     with tempfile.TemporaryDirectory(prefix="llamatune-bench-") as tmp:
+        console.print(f"bench: {steps} training steps in a temporary run directory {tmp} (deleted afterwards), "
+                      "no held-out passes", highlight=False)
         t0 = time.perf_counter()
         with (torch.profiler.profile() if profile else nullcontext()) as profiler:
-            result = train(short, "bench", run_dir=Path(tmp) / "run", console=quiet, evaluate_held_out=False)
+            result = train(short, "bench", run_dir=Path(tmp) / "run", console=console, evaluate_held_out=False)
         wall = time.perf_counter() - t0
         lines = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
-        eval_s = _time_held_out(recipe, result, _held_out_loss, torch)  # reads the run's tokenizer
+        with Phase(console, "bench: timing held-out batches (for the projection)"):
+            eval_s = _time_held_out(recipe, result, _held_out_loss, torch)  # reads the run's tokenizer
     steps_logged = [m for m in lines if "tokens_per_s" in m]
     elapsed = [m["elapsed_s"] for m in steps_logged]
     durations = [b - a for a, b in zip([0.0] + elapsed, elapsed)]
@@ -65,7 +69,8 @@ def run_bench(recipe_path: Path, overrides: list[str], steps: int, console: Cons
     full_steps = cfg.planned_steps(math.ceil(micro_per_epoch / cfg.grad_accum))
     mean_step_tokens = totals["train_tokens"] / math.ceil(micro_per_epoch / cfg.grad_accum)
     train_s = full_steps * mean_step_tokens / tokens_per_s
-    evals = 2 + (full_steps // cfg.eval_every if cfg.eval_every else 0)
+    # before (unless eval_before: false), every eval_every steps short of the last, and after the last
+    evals = int(cfg.eval_before) + 1 + ((full_steps - 1) // cfg.eval_every if cfg.eval_every else 0)
     projected = train_s + evals * eval_s
     peak = peak_rss_gib() if not torch.cuda.is_available() else torch.cuda.max_memory_allocated() / 2**30
     estimate = _plan_gib(recipe, totals, runtime)
@@ -94,6 +99,7 @@ def _time_held_out(recipe, result, held_out_loss, torch) -> float:
     """Seconds for one held-out pass, from timing up to 16 held-out examples and scaling by tokens."""
     from accelerate import Accelerator
 
+    from llamatune.data.batches import eval_order
     from llamatune.data.pipeline import build_datasets
     from llamatune.model import training_precision
 
@@ -106,7 +112,8 @@ def _time_held_out(recipe, result, held_out_loss, torch) -> float:
     precision = training_precision(recipe.train.precision)
     autocast = (lambda: torch.autocast(model.device.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
     t0 = time.perf_counter()
-    held_out_loss(model, sample, recipe.train.micro_batch_size, tokenizer.pad_token_id, Accelerator(), autocast)
+    held_out_loss(model, sample, eval_order(sample, recipe.train.micro_batch_size), tokenizer.pad_token_id, Accelerator(),
+                  autocast, lambda: None)
     seconds = time.perf_counter() - t0
     count = lambda rows: sum(len(e.input_ids) for row in rows for e in row)  # noqa: E731
     return seconds * count(data.eval) / max(count(sample), 1)

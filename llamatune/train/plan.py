@@ -205,7 +205,11 @@ def _suggest(plan: Plan, recipe, tokens_per_row: int, per_token_layer: float, s:
 
 
 def runtime_resident_bytes() -> int:
-    """This process's resident memory now (Linux /proc; 0 elsewhere): torch, transformers and peft imported."""
+    """This process's resident memory (Linux /proc; 0 elsewhere) once torch, transformers and peft are imported:
+    imported here, so `plan` and `bench` measure the same runtime for the same recipe, whatever each imported before."""
+    import peft  # noqa: F401  (imports torch and transformers' modeling code, as training does)
+    from transformers import AutoConfig  # noqa: F401
+
     try:
         with open("/proc/self/statm") as f:
             import os
