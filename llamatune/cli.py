@@ -95,8 +95,9 @@ def _use_run(path: Path) -> None:
             pass
 
 
-def _load_checked(recipe: Path, overrides: Optional[List[str]]):
-    """Loads the recipe and checks what needs neither tokenizer nor weights: schema, data files, model reference.
+def _load_checked(recipe: Path, overrides: Optional[List[str]], need_train: bool = True):
+    """Loads the recipe and checks what needs neither tokenizer nor weights: schema, data files, model reference
+    (and, unless need_train is False, that it has training data).
 
     Returns:
         (recipe, model source kind).
@@ -104,7 +105,7 @@ def _load_checked(recipe: Path, overrides: Optional[List[str]]):
     from llamatune.preflight import check_files
 
     parsed = _use_recipe(recipe, overrides)
-    return parsed, check_files(parsed, str(recipe))
+    return parsed, check_files(parsed, str(recipe), need_train)
 
 
 @app.command()
@@ -358,7 +359,7 @@ def data_check(recipe: Path = RecipeArg, overrides: Optional[List[str]] = SetOpt
     """Read, render and tokenize RECIPE's data; report counts, drops by reason, duplicates and overlap."""
 
     def body() -> None:
-        parsed, _ = _load_checked(recipe, overrides)
+        parsed, _ = _load_checked(recipe, overrides, need_train=False)
         _quiet_libraries()
         from llamatune.data import report as datareport
 
@@ -377,7 +378,7 @@ def data_preview(
     """Show rendered training examples with the trained tokens highlighted, and length statistics."""
 
     def body() -> None:
-        parsed, _ = _load_checked(recipe, overrides)
+        parsed, _ = _load_checked(recipe, overrides, need_train=False)
         _quiet_libraries()
         from llamatune.data import report as datareport
 

@@ -32,8 +32,13 @@ class Checked:
     data: Datasets
 
 
-def check_files(recipe: Recipe, source: str | None) -> str:
+def check_files(recipe: Recipe, source: str | None, need_train: bool = True) -> str:
     """The cheap checks: every data source names existing data files, and the model reference is valid.
+
+    Args:
+        recipe: The validated recipe.
+        source: The recipe file, named in every problem.
+        need_train: False for the commands that also serve an eval-only recipe (data check / preview).
 
     Returns:
         The model reference's kind.
@@ -42,6 +47,9 @@ def check_files(recipe: Recipe, source: str | None) -> str:
         RecipeError: Listing every missing source and a bad model reference, naming the recipe file.
     """
     problems = []
+    if need_train and not recipe.data.train:
+        problems.append("data.train: this recipe has only held-out data (data.eval), which `llamatune eval --data` and "
+                        "`data check` read; add data.train (the files to train on) to train with it")
     root = recipe.data.root
     if root is not None and not root.is_dir():
         problems.append(f"data.root: {root} is {'a file, not a folder' if root.exists() else 'not an existing folder'}; "
@@ -72,19 +80,20 @@ def _output_problems(recipe: Recipe) -> list[str]:
     return []
 
 
-def check(recipe: Recipe, source: str | None, say: Callable[[str], None] = print) -> Checked:
+def check(recipe: Recipe, source: str | None, say: Callable[[str], None] = print, need_train: bool = True) -> Checked:
     """Runs every check `train` runs before loading weights; prints the drops by source.
 
     Args:
         recipe: The validated recipe.
         source: The recipe file, named in every problem.
         say: Where progress and the data summary go.
+        need_train: See check_files.
 
     Raises:
         RecipeError: For bad data or a bad lora.target_modules (exit 2), naming the recipe file.
         LlamatuneError: For a model or tokenizer that cannot be read.
     """
-    kind = check_files(recipe, source)
+    kind = check_files(recipe, source, need_train)
     if models.needs_conversion(recipe.model):
         # Getting the tokenizer means fetching or converting the model first (a download, a dequantization):
         # bad data should not wait for that, nor cost it.

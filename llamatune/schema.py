@@ -163,7 +163,9 @@ class DataSpec(_Spec):
 
     root: Path | None = Field(None, description="Folder that relative source paths resolve against; keeps data outside "
                               "the recipe, e.g. --set data.root=/data/corpora.")
-    train: tuple[SourceSpec, ...] = Field(description="Training sources: a path, one source, or a list of sources.")
+    train: tuple[SourceSpec, ...] = Field((), description="Training sources: a path, one source, or a list of sources. "
+                                          "Required to train; a recipe with only `eval` serves `llamatune eval --data` "
+                                          "and `data check`.")
     eval: tuple[SourceSpec, ...] | None = Field(None, description="Held-out sources. If omitted, eval_fraction of train is held out.")
     eval_fraction: float | None = Field(
         None, gt=0, lt=1, description="Share of train documents held out when `eval` is not given (then defaults to 0.1). "
@@ -218,8 +220,9 @@ class DataSpec(_Spec):
 
     @model_validator(mode="after")
     def _eval_or_fraction(self) -> "DataSpec":
-        if not self.train:
-            raise conflict(("train",), "an empty list of sources; name at least one training file")
+        if not self.train and not self.eval:
+            raise conflict(("train",), "no sources: name at least one training file (or, in a recipe that only "
+                           "feeds `llamatune eval --data`, the held-out files under data.eval)")
         if self.eval is not None and self.eval_fraction is not None:
             raise conflict(("eval", "eval_fraction"), "set either `eval` (held-out sources) or `eval_fraction` (split train), not both")
         if self.text_overlap >= self.max_length:

@@ -266,3 +266,117 @@ def test_no_small_sample_warning_from_30_examples_on():
 
     assert small_samples({"loss": {"n": 30}, "accuracy": {"n": 120}}) == []
     assert "accuracy (n=29)" in small_samples({"loss": {"n": 30}, "accuracy": {"n": 29}})[0]
+
+
+# ---- eval that explains: answers, confusion, macro-F1, collapse, scoring rules -----------------------------------
+
+def test_macro_f1_equals_a_hand_computation():
+    import numpy as np
+
+    from llamatune.evaluate.classes import macro_f1
+
+    gold, predicted = np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 1, 0])
+    # class 0: tp 1, 2 gold, 2 predicted -> 0.5; class 1: tp 2, 2 gold, 3 predicted -> 0.8; class 2: never hit -> 0
+    assert macro_f1(3, gold, predicted) == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+    assert macro_f1(4, gold, predicted) == pytest.approx((0.5 + 0.8 + 0.0) / 3)  # a 4th class nobody uses is left out
+    assert macro_f1(2, np.array([0, 0, 1, 1]), np.array([0, 0, 0, 0])) == pytest.approx((2 * 2 / 6 + 0) / 2)
+
+
+def test_breakdown_groups_label_sets_and_pools_own_option_texts_by_position():
+    from llamatune.evaluate.classes import breakdown, collapse_warnings
+
+    labels = ("positive", "neutral", "negative")
+    sets = [labels] * 10 + [("red", "blue"), ("cat", "dog", "cow"), ()]
+    gold = ["positive", "neutral", "negative", "positive", "neutral", "negative", "neutral", "neutral", "positive", "negative"]
+    tuned = [{"gold": g, "predicted": "neutral"} for g in gold] + [
+        {"gold": "blue", "predicted": "blue"}, {"gold": "cat", "predicted": "cow"}, {"loss_sum": 1.0, "tokens": 2}]
+    base = [{"gold": g, "predicted": g} for g in gold] + [
+        {"gold": "blue", "predicted": "red"}, {"gold": "cat", "predicted": "cat"}, {"loss_sum": 1.0, "tokens": 2}]
+    by_label, by_position = breakdown(sets, tuned, base)
+    assert by_label["by"] == "label" and by_label["labels"] == list(labels) and by_label["n"] == 10
+    assert by_label["gold"] == {"positive": 3, "neutral": 4, "negative": 3}
+    assert by_label["predicted"] == {"tuned": {"positive": 0, "neutral": 10, "negative": 0},
+                                     "base": {"positive": 3, "neutral": 4, "negative": 3}}
+    assert by_label["confusion"]["tuned"] == [[0, 3, 0], [0, 4, 0], [0, 3, 0]]
+    assert by_label["macro_f1"]["base"][0] == 1.0 and by_label["macro_f1"]["tuned"][0] == pytest.approx(2 * 4 / 14 / 3)
+    low, high = by_label["macro_f1"]["delta"][1:]
+    assert low <= by_label["macro_f1"]["delta"][0] <= high < 0  # paired: the collapse is a certain loss
+    assert by_label["collapse"]["tuned"] == {"label": "neutral", "count": 10, "share": 1.0, "gold_share": 0.4}
+    assert by_label["collapse"]["base"] is None
+    assert by_position["by"] == "option position" and by_position["labels"] == ["option 1", "option 2", "option 3"]
+    assert by_position["confusion"]["tuned"] == [[0, 0, 1], [0, 1, 0], [0, 0, 0]]
+    [warning] = collapse_warnings([by_label, by_position])
+    assert warning.startswith("tuned predicts 'neutral' for 10 of 10 examples (100%; the held-out answers are 'neutral' 40%")
+
+
+def test_a_collapsed_classifier_shows_its_histogram_confusion_matrix_and_a_warning(fixed_answer_run, tmp_path):
+    """Acceptance: an adapter trained to always answer 'Yes', evaluated on held-out clauses that are half 'No'."""
+    balanced = write_jsonl(tmp_path / "balanced.jsonl", [{"text": f"A fresh clause {i} to classify.", "label": ["Yes", "No"][i % 2]}
+                                                         for i in range(12)])
+    result = CliRunner().invoke(app, ["eval", str(fixed_answer_run), "--data", str(balanced), "--compare", "base",
+                                      "--out", str(tmp_path / "e")], terminal_width=160)
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "answers by label (12 examples)" in out and "confusion matrix, tuned (rows: gold answer, columns: predicted)" in out
+    assert "tuned predicts 'Yes' for 12 of 12 examples (100%; the held-out answers are 'Yes' 50% of the time)" in " ".join(out.split())
+    assert "scoring: accuracy (classification, multiple choice): every choice is scored" in out
+    report = json.loads((tmp_path / "e" / "eval.json").read_text())
+    [group] = report["answers"]
+    assert group["predicted"]["tuned"] == {"Yes": 12, "No": 0} and group["gold"] == {"Yes": 6, "No": 6}
+    assert group["confusion"]["tuned"] == [[6, 0], [6, 0]]
+    assert report["metrics"]["accuracy"]["tuned"][0] == 0.5 and report["metrics"]["macro_f1"]["tuned"][0] == pytest.approx(1 / 3)
+    assert any("may have collapsed onto one label" in w for w in report["warnings"])
+    assert any("'<|im_end|>" in rule or "end" in rule for rule in report["scoring"])
+    md = (tmp_path / "e" / "eval.md").read_text()
+    assert "## Answers by label (12 examples)" in md and "| Yes | 6 (50%) |" in md and "| macro_f1 | 12 |" in md
+
+
+def test_a_checkpoint_evaluates_like_the_run_it_became(tiny_recipe, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    train(load_recipe(tiny_recipe, ["train.max_steps=4", "train.save_every=2", "train.keep_last=2"]), "t", run_dir=run)
+    last, middle = run / "checkpoints" / "step-00000004", run / "checkpoints" / "step-00000002"
+    assert last.is_dir() and middle.is_dir()
+    whole, _ = _eval(run, tmp_path / "w", "--no-generate")
+    at_end, _ = _eval(last, tmp_path / "c", "--no-generate", "--compare", "base")
+    assert at_end["metrics"]["loss"]["tuned"][0] == pytest.approx(whole["metrics"]["loss"]["tuned"][0], rel=1e-6)
+    assert at_end["target"] == str(last)
+    early, _ = _eval(middle, tmp_path / "m", "--no-generate")
+    assert early["metrics"]["loss"]["tuned"][0] != pytest.approx(whole["metrics"]["loss"]["tuned"][0], rel=1e-6)
+    # a stopped run has no tokenizer/ or adapter/ yet: the checkpoint alone is enough, and its report lands in RUN/eval
+    stopped = tmp_path / "stopped"
+    shutil.copytree(run, stopped)
+    for part in ("tokenizer", "adapter"):
+        shutil.rmtree(stopped / part)
+    (stopped / "summary.json").unlink()
+    result = CliRunner().invoke(app, ["eval", str(stopped / "checkpoints" / "step-00000004"), "--no-generate"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((stopped / "eval" / "step-00000004" / "eval.json").read_text())
+    assert report["metrics"]["loss"]["tuned"][0] == pytest.approx(whole["metrics"]["loss"]["tuned"][0], rel=1e-6)
+    # a damaged checkpoint is named, not half-loaded
+    (stopped / "checkpoints" / "step-00000002" / "adapter.safetensors").write_bytes(b"broken")
+    bad = CliRunner().invoke(app, ["eval", str(stopped / "checkpoints" / "step-00000002")])
+    assert bad.exit_code != 0 and "adapter.safetensors does not match its checksum" in bad.output
+    assert "Traceback" not in bad.output
+
+
+def test_an_eval_only_recipe_feeds_eval_and_data_check_but_not_train(tiny_model_dir, tmp_path):
+    write_jsonl(tmp_path / "held.jsonl", [{"q": f"What is item {i}?", "a": f"Item {i} is {CORPUS[i % 5][:30]}"} for i in range(5)])
+    recipe = tmp_path / "evalonly.yaml"
+    recipe.write_text(f"model:\n  path: {tiny_model_dir}\ndata:\n  eval:\n    path: held.jsonl\n"
+                      "    prompt: '{q}'\n    response: '{a}'\n")
+    report, _ = _eval(tiny_model_dir, tmp_path / "e", "--data", str(recipe))
+    assert report["examples"] == 5
+    check = CliRunner().invoke(app, ["data", "check", str(recipe)])
+    assert check.exit_code == 0, check.output
+    assert "0 train / 5 held-out examples" in check.output
+    preview = CliRunner().invoke(app, ["data", "preview", str(recipe), "-n", "1"])
+    assert preview.exit_code == 0 and "held-out example 1 of 5" in preview.output, preview.output
+    for command in ("train", "validate"):
+        refused = CliRunner().invoke(app, [command, str(recipe)])
+        assert refused.exit_code == 2 and "Traceback" not in refused.output, refused.output
+        assert "data.train" in refused.output and "this recipe has only held-out data" in " ".join(refused.output.split())
+    recipe.write_text(f"model:\n  path: {tiny_model_dir}\ndata:\n  train: []\n")
+    empty = CliRunner().invoke(app, ["validate", str(recipe)])
+    assert empty.exit_code == 2 and "no sources: name at least one training file" in " ".join(empty.output.split())

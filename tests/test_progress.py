@@ -104,13 +104,16 @@ def test_a_failed_phase_says_so(monkeypatch):
     assert printed[-1].endswith("merge: writing: stopped after 2s")
 
 
-def test_a_training_run_in_a_log_is_never_quiet(tiny_recipe, tmp_path):
-    """Acceptance: `llamatune train` with its output going to a pipe prints a line at least every quiet interval
-    from its first line to its last, through a step made slow on purpose (4 s, the interval 1 s)."""
-    env = {**os.environ, QUIET_ENV: "1", FAULT_ENV: "slow:4:micro:2:0"}
+def _timed_lines(args: list[str], fault: str) -> tuple[str, list[float], float]:
+    """Runs `llamatune ARGS` with its output going to a pipe, the quiet interval 1 s and FAULT making one point slow.
+
+    Returns:
+        (the output, when each line arrived, when the command started)
+    """
+    env = {**os.environ, QUIET_ENV: "1", FAULT_ENV: fault}
     started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "llamatune", "train", str(tiny_recipe), "--run-dir", str(tmp_path / "run"),
-                             "--set", "train.log_every=10"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "llamatune", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     arrived: list[tuple[float, str]] = []
     reader = threading.Thread(target=lambda: arrived.extend((time.monotonic(), line.rstrip()) for line in proc.stdout))
     reader.start()
@@ -119,9 +122,17 @@ def test_a_training_run_in_a_log_is_never_quiet(tiny_recipe, tmp_path):
     text = "\n".join(line for _, line in arrived)
     times = [at for at, _ in arrived]
     gaps = [b - a for a, b in zip(times, times[1:])]
-    # 1 s interval + scheduling slack on a loaded 2-core machine; without the heartbeat the slow step alone is 4 s
+    # 1 s interval + scheduling slack on a loaded 2-core machine; without the heartbeat each slow point is silent
     assert max(gaps) < 2.5, (max(gaps), text)
     assert times[0] - started < 60, text  # the first line within a minute of the start, imports included
+    return text, times, started
+
+
+def test_a_training_run_in_a_log_is_never_quiet(tiny_recipe, tmp_path):
+    """Acceptance: `llamatune train` with its output going to a pipe prints a line at least every quiet interval
+    from its first line to its last, through a step made slow on purpose (4 s, the interval 1 s)."""
+    text, _, _ = _timed_lines(["train", str(tiny_recipe), "--run-dir", str(tmp_path / "run"), "--set", "train.log_every=10"],
+                              "slow:4:micro:2:0")
     assert "step 2/4 running" in text and "step 1/4  loss" in text and "step 4/4  loss" in text
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["tokens_per_s"] > 0 and summary["tokens_per_s_recent"] > 0
@@ -129,6 +140,24 @@ def test_a_training_run_in_a_log_is_never_quiet(tiny_recipe, tmp_path):
     logged = [m for m in steps if "loss" in m]
     assert logged and all({"tokens_per_s", "tokens_per_s_recent", "tokens_per_s_step"} <= set(m) for m in logged)
     assert all("eval_s" in m for m in steps if "eval_loss" in m)
+
+
+def test_eval_merge_and_bench_in_a_log_are_never_quiet(tiny_recipe, tmp_path):
+    """Acceptance, the other long commands: eval (per batch), merge (reference logits, parity) and bench (its steps),
+    each with one point made slow."""
+    from typer.testing import CliRunner
+
+    from llamatune.cli import app
+
+    run = tmp_path / "run"
+    assert CliRunner().invoke(app, ["train", str(tiny_recipe), "--run-dir", str(run)]).exit_code == 0
+    text, _, _ = _timed_lines(["eval", str(run), "--batch-size", "1", "--limit", "3", "--no-generate"], "slow:1.5:eval:batch")
+    assert re.search(r"^\d\d:\d\d:\d\d eval tuned: [12]/3 examples, \d+s elapsed, eta \d+s$", text, re.M), text
+    assert re.search(r"eval tuned: done, 3 examples in \d+s", text), text
+    text, _, _ = _timed_lines(["merge", str(run)], "slow:0.7:merge:reference")
+    assert "merge: reference logits of base + adapter: done, 8 prompts" in text, text
+    text, _, _ = _timed_lines(["bench", str(tiny_recipe), "--steps", "3"], "slow:3:micro:2:0")
+    assert "step 2/3 running" in text, text
 
 
 def test_no_eval_before_skips_the_step_0_pass(tiny_recipe, tmp_path):

@@ -179,12 +179,17 @@ def check_output(path: Path, flag: str, existing_folder_ok: bool = False) -> Non
         raise LlamatuneError(f"{flag} {path}: {parent} is not writable (permission denied); choose another {flag}")
 
 
-def target_kind(path: Path) -> Literal["run", "folder", "gguf"]:
+def target_kind(path: Path) -> Literal["run", "checkpoint", "folder", "gguf"]:
     """What `llamatune eval` / `chat` was pointed at, or a RecipeError saying what it is instead.
 
     Raises:
-        LlamatuneError: For a run directory that lacks one of its parts.
+        LlamatuneError: For a run directory that lacks one of its parts, or a checkpoint whose run has no recipe.
     """
+    if path.is_dir() and path.parent.name == "checkpoints" and (path / "manifest.json").exists():
+        if not (path.parent.parent / "recipe.yaml").is_file():
+            raise LlamatuneError(f"{path} is a checkpoint, but its run directory {path.parent.parent} has no recipe.yaml "
+                                 "(the base model and LoRA settings the checkpoint needs); evaluate it inside its run")
+        return "checkpoint"
     if path.is_dir():
         if (path / "recipe.yaml").exists() or (path / "adapter").exists():
             problem = run_dir_problem(path)
@@ -200,8 +205,8 @@ def target_kind(path: Path) -> Literal["run", "folder", "gguf"]:
         what = "a file, not a .gguf file"
     else:
         what = "not there"
-    raise RecipeError([f"{path} is {what}; give a run directory (recipe.yaml + adapter/), a model folder (config.json) "
-                       "or a .gguf file"])
+    raise RecipeError([f"{path} is {what}; give a run directory (recipe.yaml + adapter/), a checkpoint of one "
+                       "(RUN/checkpoints/step-N), a model folder (config.json) or a .gguf file"])
 
 
 def _folder_problem(folder: Path) -> str | None:

@@ -94,6 +94,7 @@ def _merged_model(run_dir: Path, recipe, dtype: str, verify: bool, say: Callable
         reference = []
         for p in prompts:
             reference.append(unmerged(input_ids=p).logits.float())
+            fault("merge:reference")  # a test makes this slow to see the phase's lines keep coming
             phase.advance()
     with Phase(say, f"merge: merging the adapter, weights to {dtype}"):
         merged = unmerged.merge_and_unload().to(getattr(torch, _DTYPES[dtype])).eval()

@@ -105,7 +105,7 @@ def _build(spec: DataSpec, tokenizer, seed: int, hashes: dict[str, str], say: Ca
     held_out = [e for _, examples in _encode_all(eval_items, tokenizer, spec, manifest, "eval", say) for e in examples]
     problems += check_drops(manifest, spec.max_drop_fraction)
     for name, examples in (("train", train), ("eval", held_out)):
-        if not examples and not problems:
+        if not examples and not problems and (name == "eval" or spec.train):  # no train sources: an eval-only recipe
             problems.append(nothing_left(name, manifest, held_out_from_train=spec.eval is None))
     if problems:
         raise RecipeError(problems)

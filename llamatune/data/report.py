@@ -23,7 +23,7 @@ from llamatune.schema import Recipe
 def load(recipe: Recipe, source: str | None, say=print):
     """Builds the recipe's datasets with its model's tokenizer, through the same checks as train (no weights
     are loaded), quietly: report() shows the same facts in more detail."""
-    checked = preflight.check(recipe, source, say=lambda *_: None)
+    checked = preflight.check(recipe, source, say=lambda *_: None, need_train=False)
     return checked.data, checked.tokenizer
 
 
@@ -57,23 +57,26 @@ def _mark(ok: bool) -> str:
 
 
 def preview(data: Datasets, tokenizer, n: int, console: Console) -> None:
-    """Prints the first n training examples: prompt tokens dim, trained tokens bold green."""
-    examples = [e for row in data.train for e in row][:n]
+    """Prints the first n training examples (held-out ones for an eval-only recipe): prompt tokens dim, trained
+    tokens bold green."""
+    rows, split = (data.train, "training") if data.train else (data.eval, "held-out")
+    examples = [e for row in rows for e in row][:n]
+    total = sum(len(row) for row in rows)
     if "system_prompt" in data.manifest:
         from llamatune.data.encode import describe_system
 
         console.print(describe_system(data.manifest["system_prompt"]), highlight=False, markup=False)
     for i, example in enumerate(examples):
-        console.rule(f"example {i + 1} of {data.train_examples}: {len(example.input_ids)} tokens, "
+        console.rule(f"{split} example {i + 1} of {total}: {len(example.input_ids)} tokens, "
                      f"{example.n_label_tokens} trained")
         text = Text()
         for segment, trained in _segments(example.input_ids, example.labels):
             text.append(tokenizer.decode(segment), style="bold green" if trained else "dim")
         console.print(text)
-    lengths = [len(e.input_ids) for row in data.train for e in row]
-    console.rule("lengths")
+    lengths = [len(e.input_ids) for row in rows for e in row]
+    console.rule(f"lengths ({split} examples)")
     console.print(f"tokens per example: min {min(lengths)}, median {statistics.median(lengths):g}, "
-                  f"max {max(lengths)}; trained share {_trained_share(data.train):.0%}; "
+                  f"max {max(lengths)}; trained share {_trained_share(rows):.0%}; "
                   f"packing efficiency {data.manifest['totals']['packing_efficiency']:.0%} "
                   "(dim = prompt, not trained; [bold green]green[/] = trained)", highlight=False)
 

@@ -11,7 +11,7 @@ import re
 import string
 from collections import Counter
 from functools import lru_cache
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -77,8 +77,26 @@ def bootstrap_ci(values: Sequence[float], weights: Sequence[float] | None = None
         est = (v[idx] * w[idx]).sum() / w[idx].sum()
         return est if p is None else est - (p[idx] * w[idx]).sum() / w[idx].sum()
 
-    everything = np.arange(len(v))
+    return bootstrap(stat, len(v), resamples, seed)
+
+
+def bootstrap(stat: Callable[[np.ndarray], float], n: int, resamples: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """Point estimate and 95% percentile-bootstrap interval of any statistic of n examples (e.g. macro-F1, which
+    is not a mean of per-example values).
+
+    Args:
+        stat: The statistic of the examples at the given indices (repeats allowed).
+        n: Number of examples.
+        resamples: Bootstrap resamples.
+        seed: For reproducible intervals (the same seed draws the same indices, so two statistics computed with
+            it are paired).
+
+    Returns:
+        (estimate, low, high); (0, 0, 0) for no examples.
+    """
+    if not n:
+        return 0.0, 0.0, 0.0
     rng = np.random.default_rng(seed)
-    draws = np.array([stat(rng.integers(0, len(v), len(v))) for _ in range(resamples)]) if len(v) else np.array([0.0])
+    draws = np.array([stat(rng.integers(0, n, n)) for _ in range(resamples)])
     low, high = np.percentile(draws, [2.5, 97.5])
-    return float(stat(everything)) if len(v) else 0.0, float(low), float(high)
+    return float(stat(np.arange(n))), float(low), float(high)

@@ -92,6 +92,56 @@ def show(summary: dict, console: Console) -> None:
     console.print(table)
 
 
+def with_macro_f1(summary: dict, groups: list[dict]) -> dict:
+    """The summary with each answer group's macro-F1 as a metric (named after its labels when there are several)."""
+    out = dict(summary)
+    for group in groups:
+        name = "macro_f1" if len(groups) == 1 else f"macro_f1 ({_short(', '.join(group['labels']), 40)})"
+        out[name] = {"n": group["n"], **group["macro_f1"]}
+    return out
+
+
+# Beyond this many answers the terminal shows the most frequent ones and no matrix; eval.json has everything.
+SHOWN_LABELS = 12
+
+
+def show_answers(groups: list[dict], console: Console) -> None:
+    """Per answer group: gold and predicted counts for base and tuned, and each pass's confusion matrix."""
+    for group in groups:
+        passes = [p for p in ("base", "tuned") if p in group["predicted"]]
+        labels = _shown(group)
+        table = Table(title=f"answers by {group['by']} ({group['n']} examples)", title_justify="left")
+        for column in ["answer", "gold", *passes]:
+            table.add_column(column, justify="left" if column == "answer" else "right")
+        for label in labels:
+            table.add_row(label, *(_count(counts[label], group["n"]) for counts in
+                                   [group["gold"], *(group["predicted"][p] for p in passes)]))
+        console.print(table)
+        if len(labels) < len(group["labels"]):
+            console.print(f"({len(group['labels']) - len(labels)} rarer answers and the confusion matrices: eval.json)",
+                          highlight=False)
+            continue
+        for p in passes:
+            matrix = Table(title=f"confusion matrix, {p} (rows: gold answer, columns: predicted)", title_justify="left")
+            matrix.add_column("gold \\ predicted")
+            for label in group["labels"]:
+                matrix.add_column(_short(label, 16), justify="right")
+            for label, row in zip(group["labels"], group["confusion"][p]):
+                matrix.add_row(_short(label, 24), *map(str, row))
+            console.print(matrix)
+
+
+def _shown(group: dict) -> list[str]:
+    if len(group["labels"]) <= SHOWN_LABELS:
+        return group["labels"]
+    weight = lambda label: group["gold"][label] + sum(c[label] for c in group["predicted"].values())  # noqa: E731
+    return sorted(group["labels"], key=weight, reverse=True)[:SHOWN_LABELS]
+
+
+def _count(count: int, n: int) -> str:
+    return f"{count} ({count / max(n, 1):.0%})"
+
+
 def _fmt(triple, signed: bool = False) -> str:
     if not triple:
         return "–"
@@ -126,6 +176,17 @@ def markdown(summary: dict, header: dict, samples: list[dict]) -> str:
     for name, v in summary.items():
         change = _fmt(v.get("delta"), signed=True) if "ratio" not in v else "×" + _fmt(v["ratio"])
         lines.append(f"| {name} | {v['n']} | {_fmt(v.get('base'))} | {_fmt(v['tuned'])} | {change} |")
+    for group in header.get("answers", []):
+        passes = [p for p in ("base", "tuned") if p in group["predicted"]]
+        lines += ["", f"## Answers by {group['by']} ({group['n']} examples)", "",
+                  "| answer | gold | " + " | ".join(passes) + " |", "|---" * (2 + len(passes)) + "|"]
+        for label in group["labels"]:
+            cells = [group["gold"][label], *(group["predicted"][p][label] for p in passes)]
+            lines.append(f"| {label} | " + " | ".join(_count(c, group["n"]) for c in cells) + " |")
+        for p in passes:
+            lines += ["", f"Confusion matrix, {p} (rows: gold answer, columns: predicted):", "",
+                      "| gold \\ predicted | " + " | ".join(group["labels"]) + " |", "|---" * (1 + len(group["labels"])) + "|"]
+            lines += [f"| {label} | " + " | ".join(map(str, row)) + " |" for label, row in zip(group["labels"], group["confusion"][p])]
     if any("base" in s for s in samples):
         delta = lambda s: s["tuned"]["loss"] - s["base"]["loss"]  # noqa: E731
         helped = sorted((s for s in samples if delta(s) < 0), key=delta)[:10]

@@ -14,11 +14,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
+from rich.markup import escape
+
 from llamatune import model as models
 from llamatune.data.batches import collate, unpacked
 from llamatune.data.encode import IGNORE_INDEX, Example
 from llamatune.errors import LlamatuneError, RecipeError
 from llamatune.evaluate.metrics import exact_match, rouge_l, token_f1
+from llamatune.train.checkpoint import fault
 
 
 @dataclass
@@ -42,17 +45,50 @@ def load_target(path: Path, say: Callable[[str], None] = print) -> Target:
     from llamatune.artifacts.files import target_kind
     from llamatune.schema import ModelSpec, QuantizationSpec
 
-    if target_kind(path) == "run":
+    kind = target_kind(path)
+    if kind == "run":
         from llamatune.recipe import load_recipe
 
         recipe = load_recipe(path / "recipe.yaml", saved=True)
         tokenizer = run_tokenizer(path)  # before the weights: the cheap file first
         base = models.load_base(models.resolve(recipe.model, say), recipe.model, recipe.quantization)
         return Target(with_adapter(base, path).eval(), _padded(tokenizer), True, str(path), recipe)
+    if kind == "checkpoint":
+        return _checkpoint_target(path, say)
     spec = ModelSpec(path=str(path))
     ref = models.resolve(spec, say)
     model = models.load_base(ref, spec, QuantizationSpec()).eval()
     return Target(model, models.load_tokenizer(ref), False, str(path))
+
+
+def _checkpoint_target(path: Path, say: Callable[[str], None]) -> Target:
+    """A checkpoint (RUN/checkpoints/step-N) as a target: the run's base with a fresh LoRA adapter of the run's
+    settings, its weights replaced by the checkpoint's. A stopped run has no tokenizer/ yet: the base model's
+    tokenizer is what training used then (the pipeline applies the recipe's chat template to it again)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from llamatune.recipe import load_recipe
+    from llamatune.train import checkpoint
+
+    run = path.parent.parent
+    recipe = load_recipe(run / "recipe.yaml", saved=True)
+    checkpoint.verify(path)  # a damaged checkpoint is named, not half-loaded
+    ref = models.resolve(recipe.model, say)
+    tokenizer = run_tokenizer(run) if (run / "tokenizer").is_dir() else \
+        models.load_tokenizer(ref, recipe.model.revision, recipe.model.trust_remote_code)
+    quantized = recipe.quantization.mode != "none"
+    model = models.apply_lora(models.load_base(ref, recipe.model, recipe.quantization), recipe.lora, quantized)
+    params = dict(model.named_parameters())
+    tensors = {name.removeprefix("module."): t for name, t in load_file(path / "adapter.safetensors").items()}
+    missing = sorted(set(tensors) - set(params)) or sorted(n for n, p in params.items() if p.requires_grad and n not in tensors)
+    if missing:
+        raise LlamatuneError(f"checkpoint {path} does not fit the LoRA settings in {run / 'recipe.yaml'} (e.g. {missing[0]}); "
+                             "was that recipe edited after training?")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+    return Target(model.eval(), _padded(tokenizer), True, str(path), recipe)
 
 
 def run_tokenizer(run: Path):
@@ -85,7 +121,8 @@ def _padded(tokenizer):
     return tokenizer
 
 
-def eval_examples(target: Target, data: list[str], limit: int | None) -> tuple[list[Example], dict]:
+def eval_examples(target: Target, data: list[str], limit: int | None,
+                  say: Callable[[str], None] | None = None) -> tuple[list[Example], dict]:
     """Held-out examples through the training pipeline: the run's own held-out data by default, or
     each --data entry (a recipe file: its held-out data; a data file: read like the run's first source).
 
@@ -117,7 +154,7 @@ def eval_examples(target: Target, data: list[str], limit: int | None) -> tuple[l
     for name, label, spec, seed in specs:
         try:
             # Unpacked, so every example is scored on its own.
-            built = build_datasets(spec.model_copy(update={"packing": False}), target.tokenizer, seed)
+            built = build_datasets(spec.model_copy(update={"packing": False}), target.tokenizer, seed, say=say)
         except RecipeError as exc:  # say which of the evaluated data sets it is
             raise RecipeError([f"{label}: {p}" for p in exc.problems], source=exc.source) from None
         examples += [row[0] for row in built.eval]
@@ -150,6 +187,7 @@ def score(target: Target, examples: list[Example], adapter: bool, generate: bool
                     record.update(prediction=text, exact_match=exact_match(text, reference),
                                   f1=token_f1(text, reference), rouge_l=rouge_l(text, reference))
                 out.append(record)
+            fault("eval:batch")  # a test makes this slow to see the progress lines keep coming
             progress(len(chunk))
     return out
 
@@ -221,7 +259,7 @@ def _choice_scores(model, tok, example: Example) -> dict:
     lengths = [len(c) for c in completions]
     best = max(range(len(scores)), key=scores.__getitem__)
     best_norm = max(range(len(scores)), key=lambda i: scores[i] / lengths[i])
-    out = {"gold": gold, "predicted": example.choices[best], "accuracy": float(example.choices[best] == gold),
+    out = {"gold": gold, "predicted": example.choices[best], "accuracy": float(example.choices[best] == gold), "suffix": suffix,
            "accuracy_norm": float(example.choices[best_norm] == gold), "choice_logprobs": scores}
     g = example.choices.index(gold)
     if completions[g] == [t for t in example.labels if t != IGNORE_INDEX][-len(completions[g]):] and \
@@ -257,43 +295,45 @@ def _generate(model, tok, examples: list[Example], max_new_tokens: int) -> list[
 def run_eval(path: Path, data: list[str], compare_base: bool, generate: bool, limit: int | None, out_dir: Path | None,
              max_new_tokens: int, batch_size: int, console) -> dict:
     """The whole `llamatune eval`: load, read data, score tuned (and base), report. Returns the summary."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from llamatune.evaluate import report as evalreport
     from llamatune.artifacts.files import check_output, target_kind
+    from llamatune.evaluate import classes
+    from llamatune.evaluate import report as evalreport
+    from llamatune.progress import Phase
 
-    out_dir = out_dir or (path / "eval" if target_kind(path) == "run" else Path("eval") / path.stem)
+    kind = target_kind(path)
+    out_dir = out_dir or {"run": path / "eval", "checkpoint": path.parent.parent / "eval" / path.name}.get(kind, Path("eval") / path.stem)
     check_output(out_dir, "--out", existing_folder_ok=True)  # now, not after the scoring
-    target = load_target(path, say=console.print)
+    with Phase(console, f"eval: loading {path.name}"):
+        target = load_target(path, say=console.print)
     if compare_base and not target.has_adapter:
         raise RecipeError([f"--compare base needs a run directory (an adapter to switch off); {path} is a plain model"])
-    examples, manifests = eval_examples(target, data, limit)
+    examples, manifests = eval_examples(target, data, limit, say=console.print)
     if not examples:
         raise RecipeError(["no held-out examples to evaluate"])
-    leaked = _overlap_with_training(target, examples)
+    leaked = _overlap_with_training(target, examples, say=console.print)
     if leaked:
         console.print(f"[yellow]warning:[/] {leaked} of {len(examples)} evaluation examples also occur in this run's "
                       "training data; their scores say little about generalisation")
     passes = [("tuned", True)] + ([("base", False)] if compare_base else [])
     scores = {}
-    columns = (TextColumn("[bold]eval {task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
-        for name, adapter in passes:
-            task = bar.add_task(name, total=len(examples))
-            scores[name] = score(target, examples, adapter, generate, max_new_tokens, batch_size,
-                                 progress=_ticker(bar, task, name, len(examples), console))
-    summary = evalreport.summarize(scores["tuned"], scores.get("base"))
-    notes, warnings = _notes(examples, generate), evalreport.small_samples(summary)
+    for name, adapter in passes:
+        with Phase(console, f"eval {name}", total=len(examples), unit="examples") as phase:
+            scores[name] = score(target, examples, adapter, generate, max_new_tokens, batch_size, progress=phase.advance)
+    answers = classes.breakdown([e.choices for e in examples], scores["tuned"], scores.get("base"))
+    summary = evalreport.with_macro_f1(evalreport.summarize(scores["tuned"], scores.get("base")), answers)
+    notes, rules = _notes(examples, generate), scoring_rules(scores["tuned"], generate)
+    warnings = evalreport.small_samples(summary) + classes.collapse_warnings(answers)
     evalreport.show(summary, console)
-    for note in notes:
-        console.print(note, highlight=False)
+    evalreport.show_answers(answers, console)
+    for line in [f"scoring: {rule}" for rule in rules] + notes:
+        console.print(line, highlight=False, markup=False)
     for warning in warnings:
-        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     samples = _samples(target.tokenizer, examples, scores)
     fingerprints = {name: _fingerprint(m) for name, m in manifests.items()}
     header = {"target": str(path), "examples": len(examples), "compare_base": compare_base, "generate": generate,
               "max_new_tokens": max_new_tokens, "data_fingerprints": fingerprints, "overlap_with_training": leaked,
-              "notes": notes, "warnings": warnings}
+              "scoring": rules, "notes": notes, "warnings": warnings, "answers": answers}
     evalreport.write(out_dir, summary, header, samples)
     if target.recipe is not None:
         from llamatune.recipe import redactor_of
@@ -302,6 +342,24 @@ def run_eval(path: Path, data: list[str], compare_base: bool, generate: bool, li
         scrub(out_dir, redactor_of(target.recipe))  # samples carry their source paths
     console.print(f"reports: {out_dir}/eval.json, eval.md, samples.jsonl")
     return summary
+
+
+def scoring_rules(tuned: list[dict], generate: bool) -> list[str]:
+    """What each reported metric scores, in words, for the kinds of examples evaluated (printed and in eval.json)."""
+    rules = ["loss and perplexity: the cross-entropy of the answer tokens only (the prompt is not scored), including the "
+             "chat template's end-of-turn tokens that training taught; token-weighted over examples; perplexity = exp(loss)"]
+    suffixes = sorted({r["suffix"] for r in tuned if "suffix" in r})
+    if suffixes:
+        rules.append("accuracy (classification, multiple choice): every choice is scored as the summed log-probability, "
+                     "given the prompt, of its tokens followed by what the template puts after an answer "
+                     f"({', '.join(map(repr, suffixes))}), exactly as the answer was trained; the highest total is the "
+                     "prediction. accuracy_norm divides each total by its token count first (long choices are not "
+                     "penalised). macro_f1: the mean per-answer F1 of those predictions")
+    if generate and any("prediction" in r for r in tuned):
+        rules.append("exact_match, f1, rouge_l: greedy generation from the prompt, compared with the trained answer without "
+                     "its end-of-turn tokens; exact match and F1 after SQuAD normalisation (lowercase, no punctuation or "
+                     "articles), ROUGE-L F-measure from rouge-score")
+    return rules
 
 
 def _samples(tokenizer, examples: list[Example], scores: dict[str, list[dict]]) -> list[dict]:
@@ -326,37 +384,19 @@ def _notes(examples: list[Example], generate: bool) -> list[str]:
             "to answer; they are scored by answer loss and perplexity only, not by exact match, F1 or ROUGE-L"]
 
 
-def _ticker(bar, task, name: str, total: int, console) -> Callable[[int], None]:
-    """Advances the bar; without a terminal, prints a plain line at every tenth of the way instead."""
-    import time
-
-    state = {"done": 0, "shown": 0, "start": time.perf_counter()}
-
-    def tick(n: int) -> None:
-        bar.advance(task, n)
-        state["done"] += n
-        if not console.is_terminal and (state["done"] * 10 // total > state["shown"] or state["done"] == total):
-            state["shown"] = state["done"] * 10 // total
-            elapsed = time.perf_counter() - state["start"]
-            eta = elapsed / state["done"] * (total - state["done"])
-            console.print(f"eval {name}: {state['done']}/{total} examples, elapsed {elapsed:.0f}s, eta {eta:.0f}s", highlight=False)
-
-    return tick
-
-
 def _fingerprint(manifest: dict) -> str:
     from llamatune.data.pipeline import fingerprint
 
     return fingerprint(manifest)
 
 
-def _overlap_with_training(target: Target, examples: list[Example]) -> int:
+def _overlap_with_training(target: Target, examples: list[Example], say: Callable[[str], None] = print) -> int:
     """Evaluation examples whose tokens equal a training example of the run (0 for a plain model)."""
     if target.recipe is None:
         return 0
     from llamatune.data.pipeline import build_datasets
 
     spec = target.recipe.data.model_copy(update={"packing": False})
-    train = build_datasets(spec, target.tokenizer, target.recipe.train.seed).train
+    train = build_datasets(spec, target.tokenizer, target.recipe.train.seed, say=say).train
     seen = {row[0].input_ids for row in train}
     return sum(e.input_ids in seen for e in examples)
