@@ -206,7 +206,6 @@ def plan_command(
         if device != "cpu" and device not in planning.DEVICES:
             raise RecipeError([f"--device: {device!r} is not one of cpu, {', '.join(planning.DEVICES)}"])
         _quiet_libraries()
-        import peft  # noqa: F401  (imported before measuring: training imports it too)
         from transformers import AutoConfig
 
         from llamatune.preflight import check

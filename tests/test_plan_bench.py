@@ -85,6 +85,24 @@ def test_plan_and_bench_commands(tiny_model_dir, tiny_recipe):
     assert "where the time went" in profiled.output and "aten::" in profiled.output
 
 
+def test_plan_and_bench_give_the_same_estimate_for_the_same_recipe(tiny_recipe):
+    """Each in a fresh process, as a user runs them: bench's 'plan estimated' is plan's total (they once differed by
+    what each had imported before measuring the runtime)."""
+    import re
+    import subprocess
+    import sys
+
+    def run(*args):
+        done = subprocess.run([sys.executable, "-m", "llamatune", *args, str(tiny_recipe)], capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    planned = float(re.search(r"total\s*│\s*([\d.]+)", run("plan")).group(1))
+    benched = float(re.search(r"plan estimated ([\d.]+) GiB", run("bench", "--steps", "2")).group(1))
+    assert abs(planned - benched) <= 0.03, (planned, benched)  # RSS after the same imports: a few MB apart
+
+
 def test_cpu_plan_adds_measured_temporaries_and_warns_about_the_system_allocator(tiny_model_dir, tiny_recipe, monkeypatch):
     from transformers import AutoConfig
 

@@ -210,6 +210,8 @@ def runtime_resident_bytes() -> int:
     import peft  # noqa: F401  (imports torch and transformers' modeling code, as training does)
     from transformers import AutoConfig  # noqa: F401
 
+    import llamatune.train.loop  # noqa: F401  (and everything the training loop imports, which bench has loaded)
+
     try:
         with open("/proc/self/statm") as f:
             import os
