@@ -353,6 +353,36 @@ def chat_command(
     _run(body)
 
 
+@app.command("runs")
+def runs_command(
+    args: Optional[List[str]] = typer.Argument(None, help="[DIR] (default: runs) to list, or compare RUN RUN [RUN...].",
+                                               show_default=False),
+    as_json: bool = typer.Option(False, "--json", metavar="", help="Print JSON instead of tables."),
+) -> None:
+    """List the runs in DIR (base, method, steps, held-out loss, eval, wall time, status), or `runs compare A B`:
+    their recipe differences and results side by side."""
+
+    def body() -> None:
+        from llamatune import runs
+
+        if args and args[0] == "compare":
+            if len(args) < 3:
+                raise RecipeError(["runs compare: give at least two run directories, e.g. llamatune runs compare runs/a runs/b"])
+            missing = [a for a in args[1:] if not runs.is_run(Path(a))]
+            if missing:
+                raise RecipeError([f"runs compare: {m} is not a run directory (no recipe.yaml in it)" for m in missing])
+            found = [runs.read_run(Path(a)) for a in args[1:]]
+            out.print(runs.as_json(found), highlight=False, markup=False, soft_wrap=True) if as_json else runs.compare(found, out)
+            return
+        if args and len(args) > 1:
+            raise RecipeError([f"runs: one folder to list, not {len(args)}; to compare runs: llamatune runs compare A B"])
+        folder = Path(args[0] if args else "runs")
+        found = runs.find_runs(folder)
+        out.print(runs.as_json(found), highlight=False, markup=False, soft_wrap=True) if as_json else runs.show_list(found, folder, out)
+
+    _run(body)
+
+
 @data_app.command("check")
 def data_check(recipe: Path = RecipeArg, overrides: Optional[List[str]] = SetOpt) -> None:
     """Read, render and tokenize RECIPE's data; report counts, drops by reason, duplicates and overlap."""
