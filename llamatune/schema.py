@@ -277,6 +277,13 @@ class TrainSpec(_Spec):
     early_stopping_patience: int | None = Field(None, ge=1, description="Stop after this many evaluations (eval_every) "
                                                 "without a held-out loss lower than the best by more than 1e-4.")
     tensorboard: bool = Field(False, description="Also log metrics to <run>/tensorboard (pip install 'llamatune[tensorboard]').")
+    tracking: Literal["none", "mlflow"] = Field(
+        "none", description="mlflow: also log the run to MLflow (pip install 'llamatune[mlflow]'): the resolved recipe as "
+        "params, every step's and held-out pass's metrics, the summary, the run directory's small files (no weights), and "
+        "later `llamatune eval` results. The server is MLFLOW_TRACKING_URI; unset, a local store in output.dir (mlflow.db, mlartifacts/). "
+        "The MLflow run id goes to summary.json and tracking.json; --resume continues the same MLflow run.")
+    tracking_experiment: str = Field("llamatune", min_length=1, description="train.tracking: mlflow: the MLflow "
+                                     "experiment the run is logged under (created when missing).")
     save_every: int | None = Field(None, ge=1, description="Write a checkpoint every N steps (also on SIGTERM/SIGINT "
                                    "and at the end); resume with --resume auto.")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept; older ones are deleted once a newer one is complete.")

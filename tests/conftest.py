@@ -40,15 +40,19 @@ def _own_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(autouse=True)
 def _no_network(monkeypatch):
-    """Tests never touch the network: any attempt to connect to an internet address fails loudly."""
-    real_connect = socket.socket.connect
+    """Tests never touch the network: any attempt to connect to an internet address fails loudly. Loopback is
+    allowed: a test may start its own server on 127.0.0.1 (the MLflow tracking server of test_tracking.py)."""
+    real_connect, real_lookup = socket.socket.connect, socket.getaddrinfo
+    loopback = {"127.0.0.1", "::1", "localhost"}
 
     def guarded(self, address):
-        if self.family in (socket.AF_INET, socket.AF_INET6):
+        if self.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in loopback:
             raise RuntimeError(f"test tried to open a network connection to {address!r}")
         return real_connect(self, address)
 
     def no_lookup(host, *args, **kwargs):
+        if host in loopback:
+            return real_lookup(host, *args, **kwargs)
         raise RuntimeError(f"test tried to resolve the network host {host!r}")
 
     monkeypatch.setattr(socket.socket, "connect", guarded)

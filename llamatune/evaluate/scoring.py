@@ -341,6 +341,11 @@ def run_eval(path: Path, data: list[str], compare_base: bool, generate: bool, li
 
         scrub(out_dir, redactor_of(target.recipe))  # samples carry their source paths
     console.print(f"reports: {out_dir}/eval.json, eval.md, samples.jsonl")
+    if kind in ("run", "checkpoint"):
+        from llamatune.train.tracking import log_eval
+
+        run = path if kind == "run" else path.parent.parent
+        log_eval(run, summary, out_dir, None if kind == "run" else int(path.name.split("-")[-1]), console.print)
     return summary
 
 

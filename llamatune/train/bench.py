@@ -43,7 +43,7 @@ def run_bench(recipe_path: Path, overrides: list[str], steps: int, console: Cons
     runtime = planning.runtime_resident_bytes()  # before the model loads: what plan calls "runtime"
     recipe = load_recipe(recipe_path, overrides)
     short = load_recipe(recipe_path, [*overrides, "train.epochs=null", f"train.max_steps={steps}", "train.log_every=1", "train.save_every=null",
-                                      "train.tensorboard=false"])
+                                      "train.tensorboard=false", "train.tracking=none"])
     with tempfile.TemporaryDirectory(prefix="llamatune-bench-") as tmp:
         console.print(f"bench: {steps} training steps in a temporary run directory {tmp} (deleted afterwards), "
                       "no held-out passes", highlight=False)

@@ -27,6 +27,7 @@ from llamatune.recipe import Recipe, recipe_to_yaml, redactor_of
 from llamatune.secrets import scrub
 from llamatune.train import checkpoint
 from llamatune.train import resume as resume_from
+from llamatune.train import tracking
 from llamatune.train.plot import write_loss_curve
 from llamatune.train.progress import TrainProgress
 from llamatune.train.rundir import MetricsLog, start_run_dir, write_manifest, write_summary
@@ -76,12 +77,13 @@ def train(recipe: Recipe, recipe_name: str, run_dir: Path | None = None, console
     # locks; the others write their checkpoint RNG files under its lock.
     run_dir = resume_from.run_dir_for(recipe, recipe_name, run_dir, resume)
     main = resume_from.launched_rank() == 0
-    with lock.hold(run_dir, "training") if main else nullcontext():
-        return _train(recipe, run_dir, console, resume, force_resume, save_on_signal, evaluate_held_out, source)
+    with lock.hold(run_dir, "training") if main else nullcontext(), \
+            tracking.session(recipe, run_dir, resume, enabled=main and recipe.train.tracking == "mlflow") as tracker:
+        return _train(recipe, run_dir, console, resume, force_resume, save_on_signal, evaluate_held_out, source, tracker)
 
 
 def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, force_resume: bool,
-           save_on_signal: str | None, evaluate_held_out: bool, source: str | None) -> TrainResult:
+           save_on_signal: str | None, evaluate_held_out: bool, source: str | None, tracker) -> TrainResult:
     """train()'s body, run while the run directory is locked."""
     import torch
     from accelerate import Accelerator
@@ -186,7 +188,7 @@ def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, 
         best, waited, loss = state["best_eval_loss"], state["evals_without_improvement"], state["loss"]
         say(f"resuming {run_dir} from {ckpt.name} (step {start} of {total_steps})")
     metrics = MetricsLog(run_dir / "metrics.jsonl" if acc.is_main_process else None,
-                         run_dir / "tensorboard" if cfg.tensorboard else None)
+                         run_dir / "tensorboard" if cfg.tensorboard else None, tracker)
 
     eval_before_on = evaluate_held_out and cfg.eval_before
     progress = TrainProgress(total_steps, console, cfg.log_every, acc.is_main_process,
@@ -347,8 +349,13 @@ def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, 
         summary["vllm_lora"] = vllm_lora_check(run_dir / "adapter")
         write_loss_curve(run_dir)
         scrub(run_dir, redactor_of(recipe))  # peft and transformers write the base model's path themselves
+        if tracker is not None:
+            summary["tracking"] = tracker.info
         # last: summary.json beside adapter/ marks a finished run
         write_summary(run_dir, redactor_of(recipe).data(summary))
+        if tracker is not None:
+            tracker.log_record({"step": last, **{f"summary.{k}": v for k, v in summary.items() if k != "steps"}})
+            tracker.log_files(run_dir)
     say(f"[bold green]done[/] run directory: {run_dir}"
         + (f"  held-out loss {eval_before:.4f} → {eval_after:.4f}" if eval_after is not None and eval_before is not None
            else f"  held-out loss {eval_after:.4f}" if eval_after is not None else ""))

@@ -76,10 +76,15 @@ class MetricsLog:
     Args:
         path: metrics.jsonl, or None on processes that do not write.
         tensorboard: Folder for TensorBoard event files, or None.
+        tracker: An MLflow run (train/tracking.py) that gets every record too, or None. It is told the run directory
+            here, which exists by now.
     """
 
-    def __init__(self, path: Path | None, tensorboard: Path | None = None):
+    def __init__(self, path: Path | None, tensorboard: Path | None = None, tracker=None):
         self._file = open(path, "a", encoding="utf-8") if path is not None else None
+        self._tracker = tracker if path is not None else None
+        if self._tracker is not None:
+            self._tracker.bind(path.parent)
         self._tb = None
         if path is not None and tensorboard is not None:
             try:
@@ -97,6 +102,8 @@ class MetricsLog:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, record["step"])
+        if self._tracker is not None:
+            self._tracker.log_record(record)
 
     def close(self) -> None:
         if self._file is not None:
