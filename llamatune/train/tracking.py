@@ -2,7 +2,7 @@
 their own server.
 
     params     the resolved recipe, flattened (train.lr, data.train.0.path, ...), secrets shown as ${NAME}
-    metrics    every metrics.jsonl record at its step (loss, lr, tokens/s, grad norm, eval_loss, eval_s), then the
+    metrics    every metrics.jsonl record at its step (loss, lr, epoch, tokens, tokens/s, eval_loss, eval_s), then the
                summary's numbers; `llamatune eval` of the run adds eval.<metric>.<tuned|base|delta>
     artifacts  the run directory's small files (recipe, summary, manifest, metrics, loss.png, adapter config,
                model card), never weights or checkpoints; eval adds eval/eval.json and eval.md
