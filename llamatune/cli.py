@@ -11,37 +11,14 @@ from typing import List, Optional
 
 import typer
 from rich.markup import escape
-from typer.core import TyperCommand, TyperGroup
 
 from llamatune import __version__
 from llamatune.errors import LlamatuneError, RecipeError
+from llamatune.terminal import App as _App
+from llamatune.terminal import Group as _Group
 from llamatune.terminal import err, out
 from llamatune.terminal import quiet_libraries as _quiet_libraries
 from llamatune.terminal import run as _run
-
-def _flag_help(option):
-    """--help takes no value: no `<bool>` type beside it (typer labels a flag like an option with a value)."""
-    if option is not None:
-        option.metavar = ""
-    return option
-
-
-class _Command(TyperCommand):
-    def get_help_option(self, ctx):
-        return _flag_help(super().get_help_option(ctx))
-
-
-class _Group(TyperGroup):
-    def get_help_option(self, ctx):
-        return _flag_help(super().get_help_option(ctx))
-
-
-class _App(typer.Typer):
-    """typer.Typer whose commands are _Command."""
-
-    def command(self, *args, **kwargs):
-        return super().command(*args, cls=kwargs.pop("cls", _Command), **kwargs)
-
 
 app = _App(
     cls=_Group,
@@ -355,7 +332,7 @@ def chat_command(
 
 @app.command("runs")
 def runs_command(
-    args: Optional[List[str]] = typer.Argument(None, help="[DIR] (default: runs) to list, or compare RUN RUN [RUN...].",
+    args: Optional[List[str]] = typer.Argument(None, metavar="[DIR] | compare RUN RUN...", help="[DIR] (default: runs) to list, or compare RUN RUN [RUN...].",
                                                show_default=False),
     as_json: bool = typer.Option(False, "--json", metavar="", help="Print JSON instead of tables."),
 ) -> None:
@@ -363,22 +340,9 @@ def runs_command(
     their recipe differences and results side by side."""
 
     def body() -> None:
-        from llamatune import runs
+        from llamatune.runs import command
 
-        if args and args[0] == "compare":
-            if len(args) < 3:
-                raise RecipeError(["runs compare: give at least two run directories, e.g. llamatune runs compare runs/a runs/b"])
-            missing = [a for a in args[1:] if not runs.is_run(Path(a))]
-            if missing:
-                raise RecipeError([f"runs compare: {m} is not a run directory (no recipe.yaml in it)" for m in missing])
-            found = [runs.read_run(Path(a)) for a in args[1:]]
-            out.print(runs.as_json(found), highlight=False, markup=False, soft_wrap=True) if as_json else runs.compare(found, out)
-            return
-        if args and len(args) > 1:
-            raise RecipeError([f"runs: one folder to list, not {len(args)}; to compare runs: llamatune runs compare A B"])
-        folder = Path(args[0] if args else "runs")
-        found = runs.find_runs(folder)
-        out.print(runs.as_json(found), highlight=False, markup=False, soft_wrap=True) if as_json else runs.show_list(found, folder, out)
+        command(args or [], as_json, out)
 
     _run(body)
 

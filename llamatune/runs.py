@@ -206,6 +206,33 @@ def _metric_lines(path: Path, damaged: list[str]) -> list[dict]:
     return records
 
 
+def command(args: list[str], as_json: bool, console: Console) -> None:
+    """`llamatune runs [DIR]` or `llamatune runs compare A B [C...]` (one command: a folder argument and a subcommand
+    cannot share a click group).
+
+    Raises:
+        RecipeError: For arguments that name no run directories.
+    """
+    if args and args[0] == "compare":
+        if len(args) < 3:
+            raise RecipeError(["runs compare: give at least two run directories, e.g. llamatune runs compare runs/a runs/b"])
+        missing = [a for a in args[1:] if not is_run(Path(a))]
+        if missing:
+            raise RecipeError([f"runs compare: {m} is not a run directory (no recipe.yaml in it)" for m in missing])
+        found = [read_run(Path(a)) for a in args[1:]]
+    elif len(args) > 1:
+        raise RecipeError([f"runs: one folder to list, not {len(args)}; to compare runs: llamatune runs compare A B"])
+    else:
+        folder = Path(args[0] if args else "runs")
+        found = find_runs(folder)
+    if as_json:
+        console.print(as_json_text(found), highlight=False, markup=False, soft_wrap=True)
+    elif args and args[0] == "compare":
+        compare(found, console)
+    else:
+        show_list(found, folder, console)
+
+
 # ---- output ------------------------------------------------------------------------------------------------------
 
 def show_list(runs: list[RunInfo], folder: Path, console: Console) -> None:
@@ -253,7 +280,7 @@ def compare(runs: list[RunInfo], console: Console) -> None:
     console.print(numbers)
 
 
-def as_json(runs: list[RunInfo]) -> str:
+def as_json_text(runs: list[RunInfo]) -> str:
     """Machine-readable output of both commands (--json)."""
     return json.dumps([asdict(r) for r in runs], indent=2, default=str)
 

@@ -1,4 +1,5 @@
-"""The terminal: the two consoles every command prints to, and how a command's failure is shown.
+"""The terminal: the two consoles every command prints to, how a command's failure is shown, and the typer classes
+whose help shows flags without a `<bool>` value.
 
 User-fixable errors (LlamatuneError, RecipeError, an OSError naming a file) become one message and an exit code;
 anything else is a bug in llamatune and is shown with its traceback and how to report it.
@@ -12,6 +13,7 @@ from typing import Callable
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand, TyperGroup
 from rich.markup import escape
 
 from llamatune import __version__
@@ -85,3 +87,27 @@ def quiet_libraries() -> None:
         hf_logging.disable_progress_bar()
     else:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+
+
+def _flag_help(option):
+    """--help takes no value: no `<bool>` type beside it (typer labels a flag like an option with a value)."""
+    if option is not None:
+        option.metavar = ""
+    return option
+
+
+class Command(TyperCommand):
+    def get_help_option(self, ctx):
+        return _flag_help(super().get_help_option(ctx))
+
+
+class Group(TyperGroup):
+    def get_help_option(self, ctx):
+        return _flag_help(super().get_help_option(ctx))
+
+
+class App(typer.Typer):
+    """typer.Typer whose commands are Command: the CLI's apps, so every --help reads the same."""
+
+    def command(self, *args, **kwargs):
+        return super().command(*args, cls=kwargs.pop("cls", Command), **kwargs)
