@@ -43,11 +43,13 @@ def _transformers_logits(folder: Path, ids: list[int]) -> np.ndarray:
 def test_every_quant_type_of_the_tiny_model_loads_in_llama_cpp_and_predicts_like_it(tiny_model_dir, tmp_path):
     import gguf
 
-    from llamatune.artifacts.export import _open_model, _tensors, tensor_types
+    from llamatune.artifacts.export import _open_config, gguf_plan, tensor_types
+    from llamatune.artifacts.weights import FolderWeights
 
     want = _transformers_logits(tiny_model_dir, IDS)
-    config, model, _ = _open_model(tiny_model_dir)
-    expected_types = tensor_types(list(_tensors(model, config)), config, "q4_k_m")
+    config, _ = _open_config(tiny_model_dir)
+    plan = gguf_plan(config, FolderWeights(tiny_model_dir))
+    expected_types = tensor_types([(name, shape) for name, _, shape in plan], config, "q4_k_m")
     for quant in QUANTS:
         out = tmp_path / f"tiny-{quant}.gguf"
         report = _export(tiny_model_dir, out, quant)
@@ -194,12 +196,27 @@ def test_our_q4_k_m_is_llama_cpps_own_in_types_size_and_agreement(builtin_folder
     theirs_types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(theirs).tensors}
     assert ours_types == theirs_types
     assert abs(file_facts(ours)["size_bytes"] - file_facts(theirs)["size_bytes"]) < 64 * 1024  # metadata aside
-    from llamatune.artifacts.export import _open_model
+    from llamatune.artifacts.export import _open_config
+    from llamatune.artifacts.weights import FolderWeights
 
-    _, model, tok = _open_model(builtin_folder)
-    mine, other = report["quality"], quality(theirs, model, tok, builtin_folder, print)
+    config, tok = _open_config(builtin_folder)
+    mine, other = report["quality"], quality(theirs, config, FolderWeights(builtin_folder), tok, builtin_folder, print)
     assert mine["examples"] == 5 and other["positions"] == mine["positions"]
-    assert mine["top1_agreement"] >= other["top1_agreement"] - 0.01, (mine, other)
+    # Each tensor as close to the weights as llama.cpp's (measured against its f16 input, which favours it).
+    from gguf.quants import dequantize
+
+    f16s = {t.name: t for t in gguf.GGUFReader(f16).tensors}
+    theirs_t = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
+    for t in gguf.GGUFReader(ours).tensors:
+        if t.tensor_type.name != "F32":
+            ref = np.asarray(f16s[t.name].data, dtype=np.float32)
+            err = [np.linalg.norm(dequantize(x.data, x.tensor_type).reshape(ref.shape) - ref) for x in (t, theirs_t[t.name])]
+            assert err[0] <= err[1] * 1.01, (t.name, err)
+    # End to end on 94 answer tokens a single top-1 flip is 1.1% and the KL moves by a third between near-equal
+    # files (CPUs' float paths differ too), so this only guards against a gross miss.
+    n = mine["positions"]
+    assert round(mine["top1_agreement"] * n) >= round(other["top1_agreement"] * n) - 3, (mine, other)
+    assert mine["mean_kl"] <= other["mean_kl"] * 1.5 + 0.01, (mine, other)
 
 
 @pytest.mark.slow

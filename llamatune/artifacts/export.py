@@ -114,42 +114,45 @@ def quant_label(quant: str) -> str:
     return quant.upper() if quant != "f16" else "F16"
 
 
-def _write_gguf(source: Path, out: Path, quant: str, say: Callable[[str], None] = print, tokenizer=None) -> dict:
-    """Writes the GGUF file through `.NAME.partial` beside it, checks it (tokenizer in llama.cpp, quality
-    against the source), and renames it when both are done. The caller holds the lock on `out`, so the fixed
-    name is ours alone, and a partial file a killed export left is simply overwritten.
+def _write_gguf(source: Path, out: Path, quant: str, say: Callable[[str], None] = print, tokenizer=None,
+                weights=None) -> dict:
+    """Writes the GGUF file through `.NAME.partial` beside it, one tensor (a block of rows) at a time, checks it
+    (tokenizer in llama.cpp, quality against the source), and renames it when both are done. The caller holds the
+    lock on `out`, so the fixed name is ours alone, and a partial file a killed export left is simply overwritten.
+
+    Args:
+        weights: Where the tensors come from (weights.py); default `source`'s own safetensors.
 
     Returns:
         The export report (file facts, tokenizer check, quality).
     """
-    import gguf
-
     from llamatune.artifacts import export_report
+    from llamatune.artifacts.tensors import GGUFStream
+    from llamatune.artifacts.weights import FolderWeights
 
-    with Phase(say, f"export: loading {source}"):
-        config, model, own = _open_model(source)
+    config, own = _open_config(source)
     tokenizer = own if tokenizer is None else tokenizer
-    tensors = list(_tensors(model, config))
-    types = tensor_types(tensors, config, quant)
+    weights = weights or opened(partial(FolderWeights, source), source, "model", fix_for_model(source))
+    plan = gguf_plan(config, weights)
+    types = tensor_types([(name, shape) for name, _, shape in plan], config, quant)
     tmp = out.parent / f".{out.name}.partial"
     try:
-        writer = gguf.GGUFWriter(str(tmp), "llama")
-        _add_hyperparameters(writer, source, config, quant)
-        add_tokenizer(writer, tokenizer, config.vocab_size)
-        with Phase(say, f"export: {quant_label(quant)} tensors", len(tensors), "tensors") as phase:
-            for name, tensor in tensors:
-                _add_tensor(writer, name, tensor, types[name])
+        stream = GGUFStream(tmp)
+        _add_hyperparameters(stream.writer, source, config, quant)
+        add_tokenizer(stream.writer, tokenizer, config.vocab_size)
+        for name, _, shape in plan:
+            stream.declare(name, shape, types[name])
+        stream.begin()
+        with Phase(say, f"export: {quant_label(quant)} tensors", len(plan), "tensors") as phase:
+            for name, hf, shape in plan:
+                stream.write(name, _chunks(weights, hf, name, shape, types[name], config))
                 phase.advance(note=f"{name} {types[name]}")
-        with Phase(say, f"export: writing {out.name}"):
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-            writer.close()
+        stream.close()
         with Phase(say, "export: checking the tokenizer in llama.cpp"):
             report = {"source": str(source), "quant": quant, "file": export_report.file_facts(tmp),
                       "tokenizer": export_report.check_tokenizer(tmp, tokenizer)}
         with Phase(say, "export: measuring quality against the source"):
-            report["quality"] = export_report.quality(tmp, model, tokenizer, source, say)
+            report["quality"] = export_report.quality(tmp, config, weights, tokenizer, source, say)
         os.replace(tmp, out)
         return report
     finally:
@@ -157,29 +160,78 @@ def _write_gguf(source: Path, out: Path, quant: str, say: Callable[[str], None] 
             tmp.unlink()
 
 
-def tensor_types(tensors: list, config, quant: str) -> dict[str, str]:
-    """GGML type name per GGUF tensor name: f16 keeps norms in F32 and the rest in F16; a quant type follows
-    llama.cpp's own per-tensor mix for Llama models."""
+def hf_to_gguf_names(n_layers: int) -> dict[str, str]:
+    """Hugging Face Llama weight name → llama.cpp tensor name, in the order llama.cpp's converter writes them."""
+    names = {"model.embed_tokens.weight": "token_embd.weight"}
+    for i in range(n_layers):
+        names.update({f"model.layers.{i}.{hf}.weight": f"blk.{i}.{short}.weight" for hf, short in LAYER_TENSORS.items()})
+    names.update({"model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"})
+    return names
+
+
+def gguf_plan(config, weights) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(GGUF name, Hugging Face name, numpy shape) of every tensor the GGUF holds, in file order; no output head
+    when the embeddings are tied.
+
+    Raises:
+        LlamatuneError: If `weights` lacks a tensor a Llama model has (a damaged or foreign folder).
+    """
+    plan = []
+    for hf, name in hf_to_gguf_names(config.num_hidden_layers).items():
+        if hf == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if not weights.has(hf):
+            raise LlamatuneError(f"the model's weights have no {hf}, which a Llama model with {config.num_hidden_layers} "
+                                 "layers has; the folder is damaged or not a Llama model")
+        plan.append((name, hf, tuple(weights.shape(hf))))
+    return plan
+
+
+def _chunks(weights, hf: str, name: str, shape: tuple[int, ...], qtype: str, config):
+    """The tensor's bytes in `qtype`, a block of rows at a time (whole heads for Q and K, which are permuted)."""
+    import numpy as np
+
+    from llamatune.artifacts import quants
+    from llamatune.artifacts.tensors import CHUNK_ELEMENTS
+
+    if len(shape) == 1:
+        yield weights.get(hf).numpy().astype(np.float32 if qtype == "F32" else np.float16)
+        return
+    rows, cols = shape
+    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}.get(name.split(".")[-2])
+    unit = rows // heads if heads else 1
+    step = max(unit, (4 * CHUNK_ELEMENTS // cols) // unit * unit)
+    for start in range(0, rows, step):
+        block = weights.rows(hf, start, start + step).numpy()
+        if heads:
+            block = permute_rotary(block, block.shape[0] // unit)
+        if qtype in ("F32", "F16"):
+            yield block.astype(np.float32 if qtype == "F32" else np.float16)
+        else:
+            yield quants.quantize(block, qtype)
+
+
+def tensor_types(shapes: list[tuple[str, tuple[int, ...]]], config, quant: str) -> dict[str, str]:
+    """GGML type name per GGUF tensor name (from (name, shape) pairs): f16 keeps norms in F32 and the rest in F16;
+    a quant type follows llama.cpp's own per-tensor mix for Llama models."""
     if quant == "f16":
-        return {name: "F32" if data.ndim == 1 or name.endswith("norm.weight") else "F16" for name, data in tensors}
+        return {name: "F32" if len(shape) == 1 or name.endswith("norm.weight") else "F16" for name, shape in shapes}
     from llamatune.artifacts import quants
 
-    return quants.tensor_types([(name, tuple(data.shape)) for name, data in tensors], quant, config.num_hidden_layers,
-                               tied=not any(name == "output.weight" for name, _ in tensors))
+    return quants.tensor_types([(name, tuple(shape)) for name, shape in shapes], quant, config.num_hidden_layers,
+                               tied=not any(name == "output.weight" for name, _ in shapes))
 
 
-def _open_model(source: Path):
-    """(config, float32 model, tokenizer) of a Llama model folder; a damaged file is named, with how to remake it."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def _open_config(source: Path):
+    """(config, tokenizer) of a Llama model folder; a damaged file is named, with how to remake it."""
+    from transformers import AutoConfig, AutoTokenizer
 
     fix = fix_for_model(source)
     config = opened(partial(AutoConfig.from_pretrained, source), source, "model", fix)
     if config.model_type != "llama":
         raise LlamatuneError(f"{source}: model type {config.model_type!r}; GGUF export supports Llama-architecture models")
-    model = opened(partial(AutoModelForCausalLM.from_pretrained, source, dtype=torch.float32), source, "model", fix)
     tokenizer = opened(partial(AutoTokenizer.from_pretrained, source), source, "tokenizer", fix)
-    return config, model, tokenizer
+    return config, tokenizer
 
 
 def _add_hyperparameters(writer, source: Path, config, quant: str) -> None:
@@ -199,42 +251,15 @@ def _add_hyperparameters(writer, source: Path, config, quant: str) -> None:
     writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{quant.upper()}"))
 
 
-def _tensors(model, config):
-    """(gguf name, float32 numpy array) for every weight, Q/K permuted to llama.cpp's rotary layout."""
-    state = model.state_dict()
-    yield "token_embd.weight", state["model.embed_tokens.weight"].numpy()
-    for i in range(config.num_hidden_layers):
-        for hf, short in LAYER_TENSORS.items():
-            w = state[f"model.layers.{i}.{hf}.weight"].numpy()
-            if short == "attn_q":
-                w = permute_rotary(w, config.num_attention_heads)
-            elif short == "attn_k":
-                w = permute_rotary(w, config.num_key_value_heads)
-            yield f"blk.{i}.{short}.weight", w
-    yield "output_norm.weight", state["model.norm.weight"].numpy()
-    if not config.tie_word_embeddings:
-        yield "output.weight", state["lm_head.weight"].numpy()
-
-
 def permute_rotary(w, n_heads: int):
     """Rows of a Q or K projection [n_heads * head_dim, ...] (or a LoRA B of one) in llama.cpp's rotary order."""
     # HF keeps each head's rotary halves as [first half | second half]; llama.cpp interleaves them.
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _add_tensor(writer, name: str, data, qtype: str) -> None:
-    import gguf
-    import numpy as np
-
-    if qtype == "F32":
-        writer.add_tensor(name, data.astype(np.float32))
-    elif qtype == "F16":
-        writer.add_tensor(name, data.astype(np.float16))
-    else:
-        from llamatune.artifacts import quants
-
-        packed = quants.quantize(data.astype(np.float32, copy=False), qtype)
-        writer.add_tensor(name, packed, raw_shape=packed.shape, raw_dtype=gguf.GGMLQuantizationType[qtype])
+def unpermute_rotary(w, n_heads: int):
+    """The inverse of permute_rotary: rows of a GGUF's Q or K projection back in Hugging Face's order."""
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def export_ollama(source: Path, folder: Path, quant: str = "f16", say: Callable[[str], None] = print) -> Path:

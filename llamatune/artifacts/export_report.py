@@ -4,9 +4,10 @@ documented thresholds). Written to `export_report.json` and printed.
 
 Quality is measured along held-out answers, teacher-forced: the merged model and the GGUF see the same
 tokens (prompt + reference answer), and at every answer position we compare their next-token distributions:
-top-1 agreement, mean KL(merged ‖ GGUF), and both perplexities of the reference answer. The GGUF runs in
-llama.cpp when llama-cpp-python is installed; otherwise through transformers' GGUF loader, which dequantizes
-the same bytes (the arithmetic of the matrix products then differs from llama.cpp's, the weights do not).
+top-1 agreement, mean KL(merged ‖ GGUF), and both perplexities of the reference answer. The merged model runs
+layer by layer from its files (layerwise.py), so nothing holds a whole model. The GGUF runs in llama.cpp when
+llama-cpp-python is installed and the file is at most LLAMA_CPP_MAX_BYTES; otherwise layer by layer from its own
+dequantized tensors (the weights are the file's; the matrix products' arithmetic is torch's, not llama.cpp's).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from llamatune.errors import LlamatuneError
 WARN_MEAN_KL = 0.10
 WARN_TOP1 = 0.85
 _MAX_EXAMPLES = 8
+# Largest GGUF whose quality is measured in llama.cpp itself: llama.cpp maps the whole file into memory, so a bigger
+# one would make export's peak memory the model's size; those are run layer by layer (layerwise.py) instead.
+LLAMA_CPP_MAX_BYTES = 2 * 2**30
 
 # Held-out text for a model folder that is not a run's merge (no held-out data to take): original sentences.
 _FALLBACK_TEXTS = [
@@ -87,31 +91,30 @@ def held_out(source: Path, tokenizer, say: Callable[[str], None]) -> tuple[list[
     return seqs, "built-in sentences (the source is not a run's merge)"
 
 
-def quality(path: Path, model, tokenizer, source: Path, say: Callable[[str], None]) -> dict:
-    """Top-1 agreement, mean KL and perplexities of the GGUF at `path` against `model` (float32, merged)."""
+def quality(path: Path, config, weights, tokenizer, source: Path, say: Callable[[str], None]) -> dict:
+    """Top-1 agreement, mean KL and perplexities of the GGUF at `path` against the source's weights (float32).
+
+    The source runs layer by layer (layerwise.py), so no model is ever loaded whole; the GGUF runs in llama.cpp when
+    it is installed and the file is at most LLAMA_CPP_MAX_BYTES, else layer by layer from its dequantized tensors.
+    """
     import numpy as np
-    import torch
+
+    from llamatune.artifacts import layerwise
 
     seqs, origin = held_out(source, tokenizer, say)
-    runtime, logits_of = _gguf_runner(path)
+    prompts = [ids for ids, _ in seqs]
+    reference = [r.numpy() for r in layerwise.logits(config, weights, prompts)]
+    runtime, gguf_logits = _gguf_logits(path, config, prompts)
     agree = total = 0
     kl_sum = nll_ref = nll_gguf = 0.0
-    try:
-        for ids, positions in seqs:
-            with torch.no_grad():
-                ref = model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
-            got = logits_of(ids)
-            p_ref, p_got = _log_softmax(ref[positions]), _log_softmax(got[positions])
-            nxt = np.asarray(ids)[np.asarray(positions) + 1]
-            agree += int((ref[positions].argmax(-1) == got[positions].argmax(-1)).sum())
-            total += len(positions)
-            kl_sum += float((np.exp(p_ref) * (p_ref - p_got)).sum())
-            nll_ref -= float(p_ref[np.arange(len(nxt)), nxt].sum())
-            nll_gguf -= float(p_got[np.arange(len(nxt)), nxt].sum())
-    finally:
-        close = getattr(logits_of, "close", None)
-        if close:
-            close()
+    for (ids, positions), ref, got in zip(seqs, reference, gguf_logits):
+        p_ref, p_got = _log_softmax(ref[positions]), _log_softmax(got[positions])
+        nxt = np.asarray(ids)[np.asarray(positions) + 1]
+        agree += int((ref[positions].argmax(-1) == got[positions].argmax(-1)).sum())
+        total += len(positions)
+        kl_sum += float((np.exp(p_ref) * (p_ref - p_got)).sum())
+        nll_ref -= float(p_ref[np.arange(len(nxt)), nxt].sum())
+        nll_gguf -= float(p_got[np.arange(len(nxt)), nxt].sum())
     found = {"measured_in": runtime, "examples": len(seqs), "positions": total, "from": origin,
              "top1_agreement": agree / total, "mean_kl": kl_sum / total,
              "perplexity_merged": math.exp(nll_ref / total), "perplexity_gguf": math.exp(nll_gguf / total)}
@@ -148,28 +151,24 @@ def summary_line(report: dict) -> str:
     return line
 
 
-def _gguf_runner(path: Path):
-    """(runtime name, ids -> float32 logits [len(ids), vocab]) for the GGUF: llama.cpp, else transformers."""
+def _gguf_logits(path: Path, config, prompts: list[list[int]]):
+    """(runtime name, float32 logits [len(ids), vocab] per prompt) of the GGUF: llama.cpp for a file of at most
+    LLAMA_CPP_MAX_BYTES when it is installed, else llamatune's layer-by-layer pass over the dequantized tensors."""
     from llamatune.artifacts import llamacpp
 
-    if llamacpp.available():
+    if llamacpp.available() and path.stat().st_size <= LLAMA_CPP_MAX_BYTES:
         llm = llamacpp.open_model(path, n_ctx=2048)
+        try:
+            return _llama_cpp_version(), [llamacpp.logits(llm, ids[: llm.n_ctx()]) for ids in prompts]
+        finally:
+            llm.close()
+    from llamatune.artifacts import layerwise
+    from llamatune.artifacts.weights import GGUFWeights
 
-        def run(ids):
-            return llamacpp.logits(llm, ids[: llm.n_ctx()])
-
-        run.close = llm.close
-        return _llama_cpp_version(), run
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-
-    def run(ids):
-        with torch.no_grad():
-            return model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
-
-    return "transformers (dequantized weights)", run
+    why = "llama.cpp is not installed" if not llamacpp.available() else \
+        f"the file is over {LLAMA_CPP_MAX_BYTES / 2**30:g} GiB, which llama.cpp would hold in memory whole"
+    logits = layerwise.logits(config, GGUFWeights(path, config), prompts)
+    return f"llamatune layer by layer on the dequantized tensors ({why})", [l.numpy() for l in logits]
 
 
 def _log_softmax(x):

@@ -14,9 +14,7 @@ rows are output rows, so the B of q_proj and k_proj is permuted the same way; A 
 
 from __future__ import annotations
 
-import math
 import os
-import re
 from pathlib import Path
 from typing import Callable
 
@@ -29,21 +27,8 @@ RUN_FORMATS = ("gguf-lora", "gguf-base", "ollama-lora")
 # Measured on the tiny test model with rsLoRA, f16 base, vs transformers: f32 adapter 8.4e-4 relative max logit
 # error, greedy tokens equal; f16 adapter 2.4e-3, one greedy token flipped.
 ADAPTER_DTYPE = "f32"
-_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(.+)\.lora_([AB])\.weight$")
 _MERGE_INSTEAD = "merge it instead and export the merged model: llamatune merge RUN, then llamatune export RUN/merged"
-# adapter_config.json settings whose effect is more than W + scale·BA on the layers in LAYER_TENSORS.
-_REFUSED = {
-    "use_dora": "DoRA rescales every adapted weight by a learned magnitude vector after adding BA; llama.cpp's LoRA "
-                "only adds scale·BA, so the adapter would run without its magnitudes",
-    "modules_to_save": "it holds whole trained copies of layers, which replace the base's; a llama.cpp adapter can "
-                       "only add low-rank updates",
-    "trainable_token_indices": "it holds trained embedding rows that replace the base's; a llama.cpp adapter cannot",
-    "lora_bias": "lora_B has a bias, which llama.cpp's LoRA has no tensor for",
-    "use_qalora": "QA-LoRA pools the input before A; llama.cpp feeds A the plain input",
-    "layer_replication": "it duplicates base layers, which an adapter file cannot do to the base GGUF",
-    "target_parameters": "it adapts raw parameters rather than linear layers; llama.cpp has no slot for them",
-    "alora_invocation_tokens": "activated LoRA (aLoRA) is not written by this export",
-}
+
 
 
 def export_run(run: Path, fmt: str, quant: str | None, out: Path | None, base: Path | None,
@@ -203,25 +188,26 @@ def adapter_tensors(run: Path, config) -> tuple[float, list[tuple]]:
     Raises:
         LlamatuneError: Listing everything in the adapter llama.cpp cannot apply, each with why.
     """
-    import json
-
     import torch
-    from safetensors.torch import load_file
+
+    from llamatune.artifacts import lora
 
     folder = run / "adapter"
-    settings = opened(lambda: json.loads((folder / "adapter_config.json").read_text()), folder, "adapter", FIX_RUN)
-    state = opened(lambda: load_file(folder / "adapter_model.safetensors"), folder, "adapter", FIX_RUN)
-    _refuse(folder, settings, state, config)
+    settings, state = lora.read(run)
+    found = lora.problems(folder, settings, state, config)
+    if found:
+        raise LlamatuneError("the adapter cannot be written as a llama.cpp LoRA:\n" + "\n".join(f"  - {p}" for p in found)
+                             + f"\n{_MERGE_INSTEAD}")
     alpha = float(settings["lora_alpha"])
     pairs = []
     for key in sorted(state, key=_order):
-        layer, module, side = _KEY.match(key).groups()
+        layer, module, side = lora.KEY.match(key).groups()
         w = state[key].to(torch.float32).numpy()  # A [r, in], B [out, r]
         short = LAYER_TENSORS[module]
         if side == "B":
             rank = w.shape[1]
             llama_cpp_scale = alpha / rank if alpha else 1.0  # llama.cpp reads alpha 0 as "no scaling"
-            w = w * (_peft_scale(settings, f"model.layers.{layer}.{module}", rank) / llama_cpp_scale)
+            w = w * (lora.peft_scale(settings, f"model.layers.{layer}.{module}", rank) / llama_cpp_scale)
             if short in ("attn_q", "attn_k"):
                 w = permute_rotary(w, config.num_attention_heads if short == "attn_q" else config.num_key_value_heads)
         pairs.append((f"blk.{layer}.{short}.weight.lora_{side.lower()}", w))
@@ -229,61 +215,10 @@ def adapter_tensors(run: Path, config) -> tuple[float, list[tuple]]:
 
 
 def _order(key: str) -> tuple:
-    layer, module, side = _KEY.match(key).groups()
+    from llamatune.artifacts.lora import KEY
+
+    layer, module, side = KEY.match(key).groups()
     return int(layer), list(LAYER_TENSORS).index(module), side
-
-
-def _peft_scale(settings: dict, module: str, rank: int) -> float:
-    """The scale peft gives `module` (its name in the base model): alpha/r or alpha/sqrt(r), per-module alpha from
-    alpha_pattern, matched by peft's own rule."""
-    from peft.utils.other import get_pattern_key
-
-    patterns = settings.get("alpha_pattern") or {}
-    alpha = float(patterns.get(get_pattern_key(patterns.keys(), module), settings["lora_alpha"]))
-    return alpha / math.sqrt(rank) if settings.get("use_rslora") else alpha / rank
-
-
-def _refuse(folder: Path, settings: dict, state: dict, config) -> None:
-    """Raises one LlamatuneError naming every part of the adapter llama.cpp cannot apply."""
-    import dataclasses
-
-    from peft import LoraConfig
-
-    where = folder / "adapter_config.json"
-    problems = []
-    if settings.get("peft_type") != "LORA":
-        problems.append(f"{where}: peft_type {settings.get('peft_type')!r}, not LORA")
-    if config.model_type != "llama":
-        problems.append(f"the base is a {config.model_type!r} model; GGUF export supports Llama-architecture models")
-    for key, why in _REFUSED.items():
-        if settings.get(key):
-            problems.append(f"{where}: {key} is set ({settings[key]!r}): {why}")
-    init = str(settings.get("init_lora_weights"))
-    if init.startswith(("pissa", "olora", "corda", "loftq")):
-        problems.append(f"{where}: init_lora_weights {init!r} changed the base weights when training began, so the adapter "
-                        "fits only that changed base, not the base GGUF (convert it with peft's "
-                        "path_initial_model_for_weight_conversion first)")
-    if settings.get("bias", "none") != "none":
-        problems.append(f"{where}: bias {settings['bias']!r}: the base's biases were trained and saved with the adapter, "
-                        "and a llama.cpp adapter cannot replace them")
-    # Any other LoRA variant peft knows (its config fields tagged as variants) changes the forward pass too.
-    for field in dataclasses.fields(LoraConfig):
-        if field.metadata.get("is_lora_variant") and field.name not in _REFUSED and settings.get(field.name):
-            problems.append(f"{where}: {field.name} is set: a LoRA variant whose forward pass is not W + scale·BA")
-    if settings.get("init_lora_weights") in next((f.metadata.get("lora_variants", []) for f in dataclasses.fields(
-            LoraConfig) if f.name == "init_lora_weights"), []):
-        problems.append(f"{where}: init_lora_weights {settings['init_lora_weights']!r} is a LoRA variant whose forward "
-                        "pass is not W + scale·BA")
-    for key in sorted(state):
-        m = _KEY.match(key)
-        if not m or m.group(2) not in LAYER_TENSORS or "norm" in m.group(2) or int(m.group(1)) >= config.num_hidden_layers:
-            problems.append(f"{folder / 'adapter_model.safetensors'}: tensor {key}: not a LoRA A/B of a layer llama.cpp "
-                            f"adapts ({', '.join(k for k in LAYER_TENSORS if 'norm' not in k)} of the decoder layers)")
-        elif key.replace(f".lora_{m.group(3)}.", f".lora_{'BA'[m.group(3) == 'B']}.") not in state:
-            problems.append(f"{folder / 'adapter_model.safetensors'}: tensor {key} has no partner lora_A/lora_B")
-    if problems:
-        raise LlamatuneError("the adapter cannot be written as a llama.cpp LoRA:\n" + "\n".join(f"  - {p}" for p in problems)
-                             + f"\n{_MERGE_INSTEAD}")
 
 
 def check_base(base: Path, pairs: list) -> None:

@@ -46,16 +46,14 @@ def merge(run_dir: Path, out: Path | None = None, dtype: str = "fp32", verify: b
     with lock.hold(out, "merging"):
         check_output(out, "--out")  # again: a merge that finished while we waited for the lock wrote it
         recipe = load_recipe(run_dir / "recipe.yaml", saved=True)
-        merged, tokenizer, report = _merged_model(run_dir, recipe, dtype, verify, say)
         # A fixed staging name, safe because the lock keeps every other writer of `out` away; so a staging
         # folder left by a killed merge is known for what it is and removed here.
         staging = out.parent / f".{out.name}.partial"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         try:
-            with Phase(say, f"merge: writing {staging}"):
-                merged.save_pretrained(staging, max_shard_size="2GB")
-            fault("merge:after-weights")
+            report, tokenizer = _merge_into(staging, run_dir, recipe, dtype, say)
+            _check(report["merged_vs_unmerged"], dtype, verify)  # fails before anything is renamed into place
             tokenizer.save_pretrained(staging)
             strictjson.write(staging / "merge_report.json", report)
             (staging / "README.md").write_text(_model_card(run_dir, recipe, report["base"], report))
@@ -71,46 +69,165 @@ def merge(run_dir: Path, out: Path | None = None, dtype: str = "fp32", verify: b
     return out
 
 
-def _merged_model(run_dir: Path, recipe, dtype: str, verify: bool, say: Callable[[str], None]):
-    """Loads base (full precision) + adapter, merges, checks parity on held-out prompts.
+def _merge_into(staging: Path, run_dir: Path, recipe, dtype: str, say: Callable[[str], None]) -> tuple[dict, object]:
+    """Writes the merged weights, config and generation config into `staging`; returns (report, run's tokenizer).
 
-    Returns:
-        (merged model in `dtype`, the run's tokenizer, the report)
+    A plain LoRA adapter (every run llamatune trains, unless lora.use_dora) is merged tensor by tensor: each base
+    weight is read, its `scale · B @ A` added in float32, and written in `dtype`, so memory holds one tensor, never
+    the model. Anything else (DoRA's magnitudes, saved modules) goes through peft's merge_and_unload of the whole
+    model, said on the terminal and in the report.
     """
+    from llamatune.artifacts import lora
+    from llamatune.artifacts.gguf_lora import _config, base_folder
+    from llamatune.evaluate.scoring import run_tokenizer
+
+    base = base_folder(run_dir, say)
+    config = _config(base)
+    tokenizer = run_tokenizer(run_dir)
+    deltas = lora.Deltas(run_dir, config)
+    prompts = _parity_prompts(run_dir, recipe, tokenizer)
+    if deltas.problems:
+        say("merge: in memory with peft (the adapter is more than W + scale·BA: "
+            + "; ".join(p.split(": ", 1)[-1][:80] for p in deltas.problems[:2]) + ")")
+        report = _merge_in_memory(staging, run_dir, recipe, base, dtype, prompts, say)
+        report["method"] = "peft merge_and_unload, whole model in memory"
+    else:
+        report = _merge_streamed(staging, base, config, deltas, dtype, prompts, say)
+        report["method"] = "tensor by tensor (base + scale·B@A in float32), parity layer by layer"
+        if recipe.quantization.mode == "nf4":
+            with Phase(say, "merge: the trained 4-bit model vs the merged one, layer by layer", config.num_hidden_layers,
+                       "layers") as phase:
+                report["trained_4bit_vs_merged"] = _nf4_gap(base, config, deltas, recipe, staging, prompts, phase.advance)
+        elif recipe.quantization.mode != "none":
+            with Phase(say, "merge: the trained 8-bit model vs the merged one (whole model in memory)"):
+                report["trained_4bit_vs_merged"] = _quantized_gap(run_dir, recipe, str(base), _load(staging), prompts)
+    _write_configs(staging, base, config, dtype, tokenizer)
+    ref = models.resolve(recipe.model, say)  # the base as the recipe names it (a hub id stays one)
+    return {"run": str(run_dir), "base": ref, "dtype": dtype, "prompts": len(prompts), **report}, tokenizer
+
+
+# Parity is measured on at most this many tokens in all: both sets of logits are kept (an 8B model's 128k vocabulary
+# makes that 0.5 GB each at this size).
+PARITY_TOKENS = 1024
+
+
+def _parity_prompts(run_dir: Path, recipe, tokenizer) -> list[list[int]]:
+    """Up to 8 held-out prompts (a plain-text window whole), each cut to its share of PARITY_TOKENS."""
+    from llamatune.evaluate.scoring import Target, eval_examples, prompt_ids
+
+    examples, _ = eval_examples(Target(None, tokenizer, False, str(run_dir), recipe), [], 8)
+    # A window of plain text may have no prompt at all: the whole window is the input then.
+    prompts = [list(e.input_ids) if e.document else list(prompt_ids(e)) for e in examples]
+    share = PARITY_TOKENS // max(len(prompts), 1)
+    return [p[:share] for p in prompts if p]
+
+
+def _merge_streamed(staging: Path, base: Path, config, deltas, dtype: str, prompts: list[list[int]],
+                    say: Callable[[str], None]) -> dict:
     import torch
 
-    from llamatune.evaluate.scoring import Target, eval_examples, prompt_ids, run_tokenizer, with_adapter
+    from llamatune.artifacts import layerwise
+    from llamatune.artifacts.tensors import Safetensors, SafetensorsWriter
+    from llamatune.artifacts.weights import FolderWeights
+
+    files = Safetensors.folder(base)
+    out_dtype = getattr(torch, _DTYPES[dtype])
+    tied = getattr(config, "tie_word_embeddings", False)
+    names = [n for n in files.names() if not (tied and n == "lm_head.weight")]  # as save_pretrained drops a tied head
+    plan = [(n, out_dtype if files.dtype(n).is_floating_point else files.dtype(n), files.shape(n)) for n in names]
+    writer = SafetensorsWriter(staging, plan, max_shard_bytes=2 * 10**9)
+    try:
+        with Phase(say, f"merge: base + adapter to {dtype}, tensor by tensor", len(plan), "tensors") as phase:
+            for name, kind, _ in plan:
+                writer.write(name, deltas.merged(name, files.read(name)).to(kind))
+                phase.advance()
+        writer.close()
+    finally:
+        writer.abort()
+    fault("merge:after-weights")
+    with Phase(say, "merge: reference logits of base + adapter, layer by layer", config.num_hidden_layers,
+               "layers") as phase:
+        reference = layerwise.logits(config, FolderWeights(base), prompts, layerwise.lora_hooks(deltas),
+                                     tick=lambda: (fault("merge:reference"), phase.advance()))
+    with Phase(say, "merge: parity check of the merged files, layer by layer", config.num_hidden_layers,
+               "layers") as phase:
+        merged = layerwise.logits(config, FolderWeights(staging), prompts, tick=phase.advance)
+    return {"merged_vs_unmerged": layerwise.compare(merged, reference)}
+
+
+def _nf4_gap(base: Path, config, deltas, recipe, staging: Path, prompts, tick) -> dict:
+    """The merged model against the one the adapter was trained with: every projection rounded to nf4 by
+    bitsandbytes' own quantizer (block size 64, the recipe's double quantization) and back, the adapter unmerged on
+    top, computed in float32 layer by layer."""
+    from llamatune.artifacts import layerwise
+    from llamatune.artifacts.weights import FolderWeights, Nf4Weights
+    from llamatune.model import resolve_dtype, training_precision
+
+    stored = resolve_dtype(recipe.model.dtype, training_precision(recipe.train.precision))  # what training loaded
+    rounded = Nf4Weights(FolderWeights(base), stored, recipe.quantization.double_quant)
+    trained = layerwise.logits(config, rounded, prompts, layerwise.lora_hooks(deltas), tick=tick)
+    merged = layerwise.logits(config, FolderWeights(staging), prompts)
+    return layerwise.compare(merged, trained)
+
+
+def _write_configs(staging: Path, base: Path, config, dtype: str, tokenizer) -> None:
+    """config.json (the output dtype, the KV cache back on) and generation_config.json stopping at the
+    end-of-turn token the adapter was trained to emit."""
+    import copy
+
+    import torch
+    from transformers import GenerationConfig
+
+    config = copy.deepcopy(config)
+    config.dtype = getattr(torch, _DTYPES[dtype])
+    config.use_cache = True  # training turned it off; inference wants it
+    config.save_pretrained(staging)
+    try:
+        generation = GenerationConfig.from_pretrained(base)
+    except OSError:  # the base has none
+        generation = GenerationConfig.from_model_config(config)
+    eos = [tokenizer.eos_token_id] + [i for i in _as_list(generation.eos_token_id) if i != tokenizer.eos_token_id]
+    generation.eos_token_id = eos
+    generation.pad_token_id = tokenizer.pad_token_id
+    generation.save_pretrained(staging)
+
+
+def _merge_in_memory(staging: Path, run_dir: Path, recipe, base: Path, dtype: str, prompts: list[list[int]],
+                     say: Callable[[str], None]) -> dict:
+    """peft's merge_and_unload on the whole model loaded in float32: for adapters that are more than W + scale·BA."""
+    import torch
+
+    from llamatune.evaluate.scoring import with_adapter
     from llamatune.schema import QuantizationSpec
 
-    ref = models.resolve(recipe.model, say)
-    tokenizer = run_tokenizer(run_dir)
-    with Phase(say, f"merge: loading {ref} in float32 and the adapter"):
-        base = models.load_base(ref, recipe.model.model_copy(update={"dtype": "float32"}), QuantizationSpec())
-        unmerged = with_adapter(base, run_dir).eval()
-    examples, _ = eval_examples(Target(unmerged, tokenizer, True, str(run_dir), recipe), [], 8)
-    # A window of plain text may have no prompt at all: the whole window is the input then.
-    prompts = [torch.tensor([list(e.input_ids) if e.document else prompt_ids(e)]) for e in examples]
-    with torch.no_grad(), Phase(say, "merge: reference logits of base + adapter", len(prompts), "prompts") as phase:
+    with Phase(say, f"merge: loading {base} in float32 and the adapter"):
+        loaded = models.load_base(str(base), recipe.model.model_copy(update={"dtype": "float32"}), QuantizationSpec())
+        unmerged = with_adapter(loaded, run_dir).eval()
+    inputs = [torch.tensor([p]) for p in prompts]
+    with torch.no_grad(), Phase(say, "merge: reference logits of base + adapter", len(inputs), "prompts") as phase:
         reference = []
-        for p in prompts:
+        for p in inputs:
             reference.append(unmerged(input_ids=p).logits.float())
             fault("merge:reference")  # a test makes this slow to see the phase's lines keep coming
             phase.advance()
     with Phase(say, f"merge: merging the adapter, weights to {dtype}"):
         merged = unmerged.merge_and_unload().to(getattr(torch, _DTYPES[dtype])).eval()
-    merged.config.use_cache = True  # training turned it off; inference wants it
-    with Phase(say, "merge: parity check of the merged model", len(prompts), "prompts") as phase:
-        parity = compare_logits(merged, prompts, reference, tick=phase.advance)
-    report = {"run": str(run_dir), "base": ref, "dtype": dtype, "prompts": len(prompts), "merged_vs_unmerged": parity}
+    with Phase(say, "merge: parity check of the merged model", len(inputs), "prompts") as phase:
+        report = {"merged_vs_unmerged": compare_logits(merged, inputs, reference, tick=phase.advance)}
     if recipe.quantization.mode != "none":
         with Phase(say, "merge: the trained 4-bit model vs the merged one"):
-            report["trained_4bit_vs_merged"] = _quantized_gap(run_dir, recipe, ref, merged, prompts)
-    _check(report["merged_vs_unmerged"], dtype, verify)
+            report["trained_4bit_vs_merged"] = _quantized_gap(run_dir, recipe, str(base), merged, inputs)
+    with Phase(say, f"merge: writing {staging}"):
+        merged.save_pretrained(staging, max_shard_size="2GB")  # its config and generation config are rewritten after
+    fault("merge:after-weights")
+    return report
 
-    eos = [tokenizer.eos_token_id] + [i for i in _as_list(merged.generation_config.eos_token_id) if i != tokenizer.eos_token_id]
-    merged.generation_config.eos_token_id = eos  # stop at the end-of-turn token the adapter was trained to emit
-    merged.generation_config.pad_token_id = tokenizer.pad_token_id
-    return merged, tokenizer, report
+
+def _load(folder: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
 def compare_logits(model, prompts, reference, tick: Callable[[], None] = lambda: None) -> dict:
@@ -149,6 +266,7 @@ def _quantized_gap(run_dir: Path, recipe, ref: str, merged, prompts) -> dict:
     import torch
     from llamatune.evaluate.scoring import with_adapter
 
+    prompts = [p if torch.is_tensor(p) else torch.tensor([p]) for p in prompts]
     trained = with_adapter(models.load_base(ref, recipe.model, recipe.quantization), run_dir).eval()
     with torch.no_grad():
         reference = [trained(input_ids=p).logits.float().cpu() for p in prompts]

@@ -1,0 +1,418 @@
+"""Streaming model I/O: read a model's tensors one at a time from safetensors shards or a GGUF file, write safetensors
+shards (with their index) or a GGUF file one tensor at a time. Conversion, merge and export all go through here, so
+their peak memory is bounded by the largest tensor (or a chunk of its rows) plus a fixed overhead, never by the
+size of the model.
+
+Reads are plain `pread`s into a buffer owned by the returned tensor, not memory maps: pages of a mapped file count
+in the process's resident memory while they stay mapped, so reading a 16 GB model through `safe_open` or
+`GGUFReader`'s memmap would show a 16 GB peak even though each tensor is dropped after use. The GGUF header and
+tensor table are still parsed by the `gguf` package (its memmap then only touches those first pages).
+
+The safetensors layout (an 8-byte little-endian header length, a JSON header naming each tensor's dtype, shape and
+byte range, then the data) is simple enough to write directly; the `safetensors` package can only save a whole
+dict of tensors at once, which is the copy this module exists to avoid.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+# Rows are converted in chunks of about this many elements: a chunk's float32 copy and the dequantizer's
+# temporaries stay in the tens of MB whatever the tensor.
+CHUNK_ELEMENTS = 1 << 22
+_ST_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+             "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+ST_INDEX = "model.safetensors.index.json"
+
+
+def _torch_dtype(code: str):
+    import torch
+
+    return getattr(torch, _ST_NAMES[code])
+
+
+def _st_code(dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    return next(code for code, n in _ST_NAMES.items() if n == name)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    file: Path
+    code: str  # safetensors dtype code
+    shape: tuple[int, ...]
+    start: int  # absolute byte offsets in `file`
+    stop: int
+
+
+def _read_bytes(file: Path, start: int, stop: int) -> bytearray:
+    buf = bytearray(stop - start)
+    with open(file, "rb") as f:
+        f.seek(start)
+        view, done = memoryview(buf), 0
+        while done < len(buf):
+            n = f.readinto(view[done:])
+            if not n:
+                raise OSError(f"{file}: ends at byte {start + done}, before the tensor data it announces (cut short?)")
+            done += n
+    return buf
+
+
+class Safetensors:
+    """The tensors of one model's safetensors files (model.safetensors, or the shards its index names), read one at
+    a time; names keep the files' order."""
+
+    def __init__(self, files: Iterable[Path]):
+        self._entries: dict[str, _Entry] = {}
+        self.metadata: dict = {}
+        for file in files:
+            self._parse(Path(file))
+
+    @classmethod
+    def folder(cls, folder: Path) -> "Safetensors":
+        """The weights of a transformers model folder.
+
+        Raises:
+            OSError: If the folder has no safetensors weights, or its index names a missing file.
+        """
+        folder = Path(folder)
+        index = folder / ST_INDEX
+        if index.is_file():
+            names = json.loads(index.read_text())["weight_map"].values()
+            return cls(folder / n for n in dict.fromkeys(names))
+        if (folder / "model.safetensors").is_file():
+            return cls([folder / "model.safetensors"])
+        raise OSError(f"{folder}: no model.safetensors or {ST_INDEX}")
+
+    def _parse(self, file: Path) -> None:
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise OSError(f"{file}: too short to be a safetensors file")
+            (size,) = struct.unpack("<Q", head)
+            if size > 100 * 2**20:
+                raise OSError(f"{file}: a header of {size} bytes; not a safetensors file")
+            header = json.loads(f.read(size))
+        base, end = 8 + size, file.stat().st_size
+        self.metadata.update(header.pop("__metadata__", None) or {})
+        for name, info in header.items():
+            start, stop = (base + int(o) for o in info["data_offsets"])
+            if stop > end:
+                raise OSError(f"{file}: tensor {name} ends at byte {stop}, past the end of the file ({end}); cut short")
+            self._entries[name] = _Entry(file, info["dtype"], tuple(int(n) for n in info["shape"]), start, stop)
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name].shape
+
+    def dtype(self, name: str) -> "torch.dtype":
+        return _torch_dtype(self._entries[name].code)
+
+    def nbytes(self, name: str) -> int:
+        e = self._entries[name]
+        return e.stop - e.start
+
+    def read(self, name: str) -> "torch.Tensor":
+        """The whole tensor, in its stored dtype (a fresh copy)."""
+        e = self._entries[name]
+        return self._tensor(_read_bytes(e.file, e.start, e.stop), e.code, e.shape)
+
+    def rows(self, name: str, start: int, stop: int) -> "torch.Tensor":
+        """Rows [start, stop) of the tensor (its first dimension)."""
+        e = self._entries[name]
+        row = (e.stop - e.start) // max(e.shape[0], 1)
+        stop = min(stop, e.shape[0])
+        return self._tensor(_read_bytes(e.file, e.start + start * row, e.start + stop * row), e.code,
+                            (stop - start, *e.shape[1:]))
+
+    def take(self, name: str, ids: Iterable[int]) -> "torch.Tensor":
+        """The rows `ids` (e.g. the embeddings of some tokens), each read on its own."""
+        import torch
+
+        picked = [self.rows(name, i, i + 1) for i in ids]
+        return torch.cat(picked) if picked else self.rows(name, 0, 0)
+
+    @staticmethod
+    def _tensor(buf: bytearray, code: str, shape: tuple[int, ...]) -> "torch.Tensor":
+        import torch
+
+        dtype = _torch_dtype(code)
+        if not buf:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def shard_plan(entries: list[tuple[str, "torch.dtype", tuple[int, ...]]], max_shard_bytes: int) -> list[list[int]]:
+    """Indexes of `entries` per shard, in order: a new shard starts when the next tensor would pass the limit
+    (a tensor larger than the limit gets a shard of its own), as transformers' save_pretrained splits them."""
+    shards: list[list[int]] = [[]]
+    size = 0
+    for i, (_, dtype, shape) in enumerate(entries):
+        n = math.prod(shape) * _itemsize(dtype)
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(i)
+        size += n
+    return shards
+
+
+def _itemsize(dtype) -> int:
+    import torch
+
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class SafetensorsWriter:
+    """Writes a model's weights as model.safetensors, or as model-0000i-of-0000n.safetensors shards with
+    model.safetensors.index.json, taking the tensors one at a time in the order planned.
+
+    Each shard's header is written first from the plan (names, dtypes, shapes), then the tensors' bytes follow as
+    they come, so nothing but the tensor being written is in memory.
+    """
+
+    def __init__(self, folder: Path, entries: list[tuple[str, "torch.dtype", tuple[int, ...]]],
+                 max_shard_bytes: int = 2 * 10**9, metadata: dict | None = None):
+        self.folder = Path(folder)
+        self._entries = entries
+        self._meta = {"format": "pt", **(metadata or {})}
+        self._shards = shard_plan(entries, max_shard_bytes)
+        n = len(self._shards)
+        self._files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._next = 0  # index into entries of the next tensor to write
+        self._shard = -1
+        self._out = None
+        self._left = 0  # bytes of the open shard still to come
+
+    def write(self, name: str, tensor: "torch.Tensor") -> None:
+        """Appends the next tensor of the plan.
+
+        Raises:
+            ValueError: If `name`, its dtype or its shape is not the plan's next entry (a bug in the caller).
+        """
+        want, dtype, shape = self._entries[self._next]
+        if (name, tensor.dtype, tuple(tensor.shape)) != (want, dtype, tuple(shape)):
+            raise ValueError(f"expected {want} {dtype} {tuple(shape)}, got {name} {tensor.dtype} {tuple(tensor.shape)}")
+        if self._out is None or self._next not in self._shards[self._shard]:
+            self._open_next_shard()
+        data = tensor.detach().contiguous().reshape(-1)
+        if data.numel():
+            raw = data.view(torch_uint8()).numpy()
+            self._out.write(memoryview(raw))
+            self._left -= raw.nbytes
+        self._next += 1
+        if self._next == len(self._entries) or self._next not in self._shards[self._shard]:
+            self._close_shard()
+
+    def _open_next_shard(self) -> None:
+        self._shard += 1
+        header, offset = {}, 0
+        for i in self._shards[self._shard]:
+            name, dtype, shape = self._entries[i]
+            n = math.prod(shape) * _itemsize(dtype)
+            header[name] = {"dtype": _st_code(dtype), "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        header["__metadata__"] = {k: str(v) for k, v in self._meta.items()}
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+        self._out = open(self.folder / self._files[self._shard], "wb")
+        self._out.write(struct.pack("<Q", len(text)) + text)
+        self._left = offset
+
+    def _close_shard(self) -> None:
+        if self._left:
+            raise ValueError(f"{self._files[self._shard]}: {self._left} bytes missing")
+        self._out.close()
+        self._out = None
+
+    def close(self) -> int:
+        """Finishes the files (the index when there are shards); returns the total bytes of tensor data.
+
+        Raises:
+            ValueError: If tensors of the plan were never written.
+        """
+        if self._next != len(self._entries):
+            raise ValueError(f"{len(self._entries) - self._next} planned tensors were not written")
+        total = sum(math.prod(shape) * _itemsize(dtype) for _, dtype, shape in self._entries)
+        if len(self._files) > 1:
+            weight_map = {self._entries[i][0]: self._files[s] for s, shard in enumerate(self._shards) for i in shard}
+            (self.folder / ST_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                           indent=2) + "\n")
+        return total
+
+    def abort(self) -> None:
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+
+
+def torch_uint8():
+    import torch
+
+    return torch.uint8
+
+
+# ---- GGUF -----------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _GGUFEntry:
+    qtype: object  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # numpy (row-major) order: [rows, columns]
+    start: int
+    nbytes: int
+
+
+class GGUFTensors:
+    """The tensors of a GGUF file, dequantized to float32 one tensor (or a few rows of one) at a time; names and
+    shapes are the file's own (llama.cpp names, numpy row-major order, Q/K rows in llama.cpp's rotary order)."""
+
+    def __init__(self, path: Path):
+        import gguf
+
+        self.path = Path(path)
+        reader = gguf.GGUFReader(str(path))
+        self.fields = reader.fields
+        self._entries = {t.name: _GGUFEntry(t.tensor_type, tuple(int(n) for n in reversed(t.shape)),
+                                            int(t.data_offset), int(t.n_bytes)) for t in reader.tensors}
+        del reader  # its memmap: nothing past the header was touched
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name].shape
+
+    def qtype(self, name: str) -> str:
+        return self._entries[name].qtype.name
+
+    def read(self, name: str) -> "np.ndarray":
+        """The whole tensor as float32 [rows, columns] (1-D for vectors)."""
+        return self.rows(name, 0, self._rows(name))
+
+    def _rows(self, name: str) -> int:
+        shape = self._entries[name].shape
+        return shape[0] if len(shape) > 1 else 1
+
+    def rows(self, name: str, start: int, stop: int) -> "np.ndarray":
+        """Rows [start, stop) as float32, dequantized chunk by chunk into one array."""
+        import numpy as np
+        from gguf.quants import dequantize
+
+        e = self._entries[name]
+        n_rows = self._rows(name)
+        stop = min(stop, n_rows)
+        row_bytes = e.nbytes // n_rows
+        cols = math.prod(e.shape) // n_rows
+        out = np.empty((stop - start, cols), dtype=np.float32)
+        step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+        for r in range(start, stop, step):
+            end = min(stop, r + step)
+            raw = np.frombuffer(_read_bytes(self.path, e.start + r * row_bytes, e.start + end * row_bytes), np.uint8)
+            out[r - start:end - start] = dequantize(raw.reshape(end - r, row_bytes), e.qtype).reshape(end - r, cols)
+        return out if len(e.shape) > 1 else out.reshape(-1)
+
+    def take(self, name: str, ids: Iterable[int]) -> "np.ndarray":
+        import numpy as np
+
+        picked = [self.rows(name, i, i + 1) for i in ids]
+        return np.concatenate(picked) if picked else self.rows(name, 0, 0)
+
+
+class GGUFStream:
+    """A GGUF file written tensor by tensor: every tensor's name, shape and type is declared first (`declare`), then
+    `begin` writes the header, metadata and tensor table, and `write` appends each tensor's bytes, in declared
+    order, in as many chunks as the caller likes (rows quantized a chunk at a time never exist whole)."""
+
+    def __init__(self, path: Path, arch: str = "llama"):
+        import gguf
+
+        self.writer = gguf.GGUFWriter(str(path), arch)
+        self._order: list[tuple[str, int]] = []  # (name, bytes)
+        self._next = 0
+        self._alignment = self.writer.data_alignment
+
+    def declare(self, name: str, shape: tuple[int, ...], qtype: str) -> None:
+        """Announces a tensor: `shape` in numpy order of its float values, `qtype` a GGML type name (F32, F16, Q8_0...)."""
+        import gguf
+        import numpy as np
+        from gguf.quants import quant_shape_to_byte_shape
+
+        kind = gguf.GGMLQuantizationType[qtype]
+        numpy_type = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}.get(kind)
+        # F32 and F16 are numpy dtypes the writer knows; BF16 and the block types are declared as raw bytes.
+        byte_shape = tuple(shape) if numpy_type else tuple(quant_shape_to_byte_shape(shape, kind))
+        nbytes = math.prod(byte_shape) * (np.dtype(numpy_type).itemsize if numpy_type else 1)
+        self.writer.add_tensor_info(name, byte_shape, np.dtype(numpy_type or np.uint8), nbytes,
+                                    raw_dtype=None if numpy_type else kind)
+        self._order.append((name, nbytes))
+
+    def begin(self) -> None:
+        """Writes everything before the tensor data (the metadata added to `writer` until now included)."""
+        self.writer.write_header_to_file()
+        self.writer.write_kv_data_to_file()
+        self.writer.write_ti_data_to_file()
+        self._fout = self.writer.fout[0] if isinstance(self.writer.fout, list) else self.writer.fout
+        self._pad()
+
+    def write(self, name: str, chunks: Iterator["np.ndarray"]) -> None:
+        """The bytes of the next declared tensor (quantized blocks, or F32/F16 values), chunk after chunk."""
+        want, nbytes = self._order[self._next]
+        if name != want:
+            raise ValueError(f"expected tensor {want}, got {name}")
+        done = 0
+        for chunk in chunks:
+            raw = memoryview(chunk.reshape(-1).view("uint8"))
+            self._fout.write(raw)
+            done += raw.nbytes
+        if done != nbytes:
+            raise ValueError(f"{name}: wrote {done} bytes, declared {nbytes}")
+        self._pad()
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self._order):
+            raise ValueError(f"{len(self._order) - self._next} declared tensors were not written")
+        self._fout.flush()
+        self.writer.close()
+
+    def _pad(self) -> None:
+        self._fout.write(b"\0" * (-self._fout.tell() % self._alignment))
+
+
+def rss_peak_bytes() -> int:
+    """This process's peak resident memory so far (Linux and macOS report it in different units)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def drop_cache(path: Path) -> None:
+    """Tells the kernel it may drop `path`'s cached pages (they are not ours to keep; no effect on correctness)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    except (OSError, AttributeError):
+        pass
