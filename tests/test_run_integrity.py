@@ -133,7 +133,7 @@ def test_two_processes_converting_one_gguf_convert_it_once(tmp_path, tiny_model_
     from llamatune.fingerprint import sha256_file
 
     gguf = export_gguf(tiny_model_dir, tmp_path / "tiny.gguf", say=lambda _: None)
-    target = cached_gguf_path(gguf, sha256_file(gguf))
+    target = cached_gguf_path(gguf, sha256_file(gguf), "float16")  # an F16 file: stored as it is
     outputs = [[], []]
     with lock.hold(target, "converting"):
         procs = [subprocess.Popen([sys.executable, "-c", _CONVERT, str(gguf)], stdout=subprocess.PIPE,

@@ -208,13 +208,33 @@ class SafetensorsWriter:
         want, dtype, shape = self._entries[self._next]
         if (name, tensor.dtype, tuple(tensor.shape)) != (want, dtype, tuple(shape)):
             raise ValueError(f"expected {want} {dtype} {tuple(shape)}, got {name} {tensor.dtype} {tuple(tensor.shape)}")
+        self.write_chunks(name, [tensor])
+
+    def write_chunks(self, name: str, chunks: Iterable["torch.Tensor"]) -> None:
+        """Appends the next tensor of the plan as consecutive blocks of its rows (in its planned dtype), so a large
+        tensor need never exist whole.
+
+        Raises:
+            ValueError: If `name` is not the plan's next entry, a block's dtype is not planned, or the bytes written
+                are not the tensor's (bugs in the caller).
+        """
+        want, dtype, shape = self._entries[self._next]
+        if name != want:
+            raise ValueError(f"expected {want}, got {name}")
         if self._out is None or self._next not in self._shards[self._shard]:
             self._open_next_shard()
-        data = tensor.detach().contiguous().reshape(-1)
-        if data.numel():
-            raw = data.view(torch_uint8()).numpy()
-            self._out.write(memoryview(raw))
-            self._left -= raw.nbytes
+        done = 0
+        for chunk in chunks:
+            if chunk.dtype != dtype:
+                raise ValueError(f"{name}: a block in {chunk.dtype}, planned {dtype}")
+            data = chunk.detach().contiguous().reshape(-1)
+            if data.numel():
+                raw = data.view(torch_uint8()).numpy()
+                self._out.write(memoryview(raw))
+                done += raw.nbytes
+        if done != math.prod(shape) * _itemsize(dtype):
+            raise ValueError(f"{name}: wrote {done} bytes, planned {math.prod(shape) * _itemsize(dtype)}")
+        self._left -= done
         self._next += 1
         if self._next == len(self._entries) or self._next not in self._shards[self._shard]:
             self._close_shard()
