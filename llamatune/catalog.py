@@ -226,43 +226,31 @@ def _llama_tensors(gguf: Path, config, weights) -> list[str]:
 
 def _write_weights(weights, names: list[str], folder: Path, dtype, say: Callable[[str], None]) -> None:
     """Writes the tensors to safetensors shards in `dtype`, a block of rows at a time (whole heads for Q and K)."""
-    import math
+    import torch
 
-    from llamatune.artifacts.tensors import CHUNK_ELEMENTS, SafetensorsWriter
+    from llamatune.artifacts.tensors import SafetensorsWriter
+    from llamatune.artifacts.weights import row_blocks
 
     config = weights.config
     head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer = SafetensorsWriter(folder, [(n, dtype, tuple(weights.shape(n))) for n in names])
 
-    def blocks(name: str):
-        shape = weights.shape(name)
-        if len(shape) == 1:
-            yield _cast(weights.get(name), dtype, name)
-            return
-        step = max(1, CHUNK_ELEMENTS // math.prod(shape[1:]))
-        if name.endswith(("q_proj.weight", "k_proj.weight")):
-            step = max(head, step // head * head)
-        for start in range(0, shape[0], step):
-            yield _cast(weights.rows(name, start, start + step), dtype, name)
+    def checked(name: str):
+        align = head if name.endswith(("q_proj.weight", "k_proj.weight")) else 1
+        for block in row_blocks(weights, name, dtype, align):
+            if dtype == torch.float16 and not torch.isfinite(block).all():
+                raise LlamatuneError(f"{name} has values beyond float16's range; set model.dtype: bfloat16 (or "
+                                     "float32) to convert this GGUF in a wider type")
+            yield block
 
     try:
         with Phase(say, f"model: converting to {str(dtype).removeprefix('torch.')}", len(names), "tensors") as phase:
             for name in names:
-                writer.write_chunks(name, blocks(name))
+                writer.write_chunks(name, checked(name))
                 phase.advance(1, name)
         writer.close()
     finally:
         writer.abort()
-
-
-def _cast(block, dtype, name: str):
-    import torch
-
-    out = block.to(dtype)
-    if dtype == torch.float16 and not torch.isfinite(out).all():
-        raise LlamatuneError(f"{name} has values beyond float16's range; set model.dtype: bfloat16 (or float32) to "
-                             "convert this GGUF in a wider type")
-    return out
 
 
 def _split_like_llama_cpp(tokenizer, gguf: Path) -> None:

@@ -22,14 +22,29 @@ _TCMALLOC = ("tcmalloc_minimal", "tcmalloc")  # gperftools' libraries, the minim
 _KNOWN = ("tcmalloc", "jemalloc", "mimalloc")
 
 
-def peak_rss_gib() -> float:
-    """This process's peak resident memory so far (GiB); 0 where the platform does not report it."""
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far, in bytes; 0 where the platform does not report it.
+
+    On Linux the high-water mark of the process's own memory map (VmHWM): getrusage's ru_maxrss survives exec, so
+    a process started by a big one (or re-executed with tcmalloc) would report the earlier image's peak.
+    """
+    try:
+        for line in open("/proc/self/status", encoding="ascii"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:  # Windows
-        return 0.0
+        return 0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # bytes on macOS, KiB on Linux
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def peak_rss_gib() -> float:
+    """peak_rss_bytes in GiB."""
+    return peak_rss_bytes() / 2**30
 
 
 def find_tcmalloc() -> str | None:

@@ -123,8 +123,9 @@ def test_a_file_where_a_folder_is_expected_and_back(pristine, tmp_path):
     recipe = str(pristine["recipe"])
     for argv in (["eval", str(notes), "--data", recipe], ["chat", str(notes)], ["merge", str(notes)]):
         _fails_cleanly(CliRunner().invoke(app, argv, input="\n"), f"{notes}")
-    _fails_cleanly(CliRunner().invoke(app, ["export", str(pristine["gguf"])]), "m.gguf: not a model folder")
-    _fails_cleanly(CliRunner().invoke(app, ["export", str(pristine["run"])]), "run: not a model folder")
+    _fails_cleanly(CliRunner().invoke(app, ["export", str(pristine["gguf"])]), "m.gguf: neither a model folder")
+    (tmp_path / "logs").mkdir()  # a folder that is neither a model nor a run
+    _fails_cleanly(CliRunner().invoke(app, ["export", str(tmp_path / "logs")]), "logs: neither a model folder")
     _fails_cleanly(CliRunner().invoke(app, ["merge", str(pristine["merged"])]), "merged: not a run directory")
 
 

@@ -210,7 +210,6 @@ def test_bad_arguments_are_exit_2_and_a_wrong_base_exit_1(trained, tiny_model_di
         ([source, "--format", "gguf-lora", "--base", tmp_path / "none.gguf"], "no such file"),
         ([source, "--format", "gguf-base", "--base", base], "gguf-base writes the base"),
         ([tiny_model_dir, "--base", base], "only for --format gguf-lora or ollama-lora"),
-        ([source], "for a run, export its adapter: --format gguf-lora"),
         ([source, "--format", "lora"], "not supported; use gguf, ollama, gguf-lora, gguf-base, ollama-lora"),
     ):
         assert message in _cli("export", *argv, code=2)

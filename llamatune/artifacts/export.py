@@ -51,22 +51,46 @@ def export(source: Path, fmt: str, quant: str | None, out: Path | None, base: Pa
         return export_run(source, fmt, quant and kind, out, base, say=say)
     if base is not None:
         raise RecipeError(["--base: only for --format gguf-lora or ollama-lora (an adapter's base GGUF)"])
-    if not (source / "config.json").is_file():
-        fix = f"for a run, export its adapter: --format gguf-lora, or merge it: llamatune merge {source}"
-        raise RecipeError([f"{source}: not a model folder (no config.json); "
-                           + (fix if (source / "adapter").is_dir() else "merge a run first: llamatune merge RUN")])
+    opened_run = _open_run(source, say) if is_run(source) else {}
+    if not opened_run and not (source / "config.json").is_file():
+        raise RecipeError([f"{source}: neither a model folder (no config.json) nor a run (no recipe.yaml and adapter/); "
+                           "give a run, its merged folder, or a Hugging Face model folder"])
     if fmt == "ollama":
-        return export_ollama(source, out or source.parent / f"{source.name}-ollama", kind, say=say)
-    return export_gguf(source, out or source.parent / f"{source.name}-{kind}.gguf", kind, say=say)
+        return export_ollama(source, out or source.parent / f"{source.name}-ollama", kind, say=say, **opened_run)
+    return export_gguf(source, out or source.parent / f"{source.name}-{kind}.gguf", kind, say=say, **opened_run)
 
 
-def export_gguf(source: Path, out: Path, quant: str = "f16", say: Callable[[str], None] = print, tokenizer=None) -> Path:
-    """Writes `out` (.gguf) from a Llama model folder (e.g. `llamatune merge` output), atomically, holding the
-    lock on `out` so that a second export into the same file stops at once instead of interleaving; and
+def is_run(source: Path) -> bool:
+    """True for a run directory (recipe.yaml and the adapter), which export merges on the fly."""
+    return (source / "recipe.yaml").is_file() and (source / "adapter").is_dir()
+
+
+def _open_run(run: Path, say: Callable[[str], None]) -> dict:
+    """The config, tokenizer and weights of a run's base + adapter, merged tensor by tensor as export reads them."""
+    from llamatune.artifacts import lora
+    from llamatune.artifacts.gguf_lora import base_folder
+    from llamatune.artifacts.weights import MergedWeights
+    from llamatune.evaluate.scoring import run_tokenizer
+
+    base = base_folder(run, say)
+    config, _ = _open_config(base)
+    deltas = lora.Deltas(run, config)
+    if deltas.problems:
+        raise LlamatuneError(f"{run}: this adapter is more than W + scale·B·A ({deltas.problems[0]}), so it is not "
+                             f"merged on the fly; merge it first (llamatune merge {run}) and export {run}/merged")
+    return {"tokenizer": run_tokenizer(run), "weights": MergedWeights(base, deltas), "config": config}
+
+
+def export_gguf(source: Path, out: Path, quant: str = "f16", say: Callable[[str], None] = print, tokenizer=None,
+                weights=None, config=None) -> Path:
+    """Writes `out` (.gguf) from a Llama model folder (e.g. `llamatune merge` output) or a run, atomically, holding
+    the lock on `out` so that a second export into the same file stops at once instead of interleaving; and
     `out` with the suffix `.export_report.json` beside it (see `export_report`).
 
     Args:
         tokenizer: The tokenizer to embed instead of `source`'s own (a run's, whose chat template is the trained one).
+        weights, config: Where the tensors come from and the model's config, instead of `source`'s own files (a
+            run's base with its adapter merged on the fly).
 
     Raises:
         LlamatuneError: For a non-Llama model, a damaged file in `source`, an output that exists or cannot be
@@ -79,7 +103,7 @@ def export_gguf(source: Path, out: Path, quant: str = "f16", say: Callable[[str]
     check_output(report_path, "--out")
     with lock.hold(out, "exporting"):
         check_output(out, "--out")  # again: an export that finished while we waited wrote it
-        report = _write_gguf(source, out, quant, say, tokenizer)
+        report = _write_gguf(source, out, quant, say, tokenizer, weights, config)
         strictjson.write(report_path, report)
     _say_report(say, out, report, report_path)
     return out
@@ -115,7 +139,7 @@ def quant_label(quant: str) -> str:
 
 
 def _write_gguf(source: Path, out: Path, quant: str, say: Callable[[str], None] = print, tokenizer=None,
-                weights=None) -> dict:
+                weights=None, config=None) -> dict:
     """Writes the GGUF file through `.NAME.partial` beside it, one tensor (a block of rows) at a time, checks it
     (tokenizer in llama.cpp, quality against the source), and renames it when both are done. The caller holds the
     lock on `out`, so the fixed name is ours alone, and a partial file a killed export left is simply overwritten.
@@ -130,8 +154,9 @@ def _write_gguf(source: Path, out: Path, quant: str, say: Callable[[str], None] 
     from llamatune.artifacts.tensors import GGUFStream
     from llamatune.artifacts.weights import FolderWeights
 
-    config, own = _open_config(source)
-    tokenizer = own if tokenizer is None else tokenizer
+    if config is None:
+        config, own = _open_config(source)
+        tokenizer = own if tokenizer is None else tokenizer
     weights = weights or opened(partial(FolderWeights, source), source, "model", fix_for_model(source))
     plan = gguf_plan(config, weights)
     types = tensor_types([(name, shape) for name, _, shape in plan], config, quant)
@@ -262,9 +287,10 @@ def unpermute_rotary(w, n_heads: int):
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def export_ollama(source: Path, folder: Path, quant: str = "f16", say: Callable[[str], None] = print) -> Path:
+def export_ollama(source: Path, folder: Path, quant: str = "f16", say: Callable[[str], None] = print, tokenizer=None,
+                  weights=None, config=None) -> Path:
     """Writes `folder` with model.gguf, a Modelfile and export_report.json (staging folder + rename, under the
-    lock on `folder`), and prints the create command."""
+    lock on `folder`), and prints the create command; `tokenizer`, `weights` and `config` as for export_gguf."""
     import shutil
 
     from transformers import AutoTokenizer
@@ -274,7 +300,8 @@ def export_ollama(source: Path, folder: Path, quant: str = "f16", say: Callable[
     check_output(folder, "--out")
     with lock.hold(folder, "exporting"):
         check_output(folder, "--out")
-        tokenizer = opened(partial(AutoTokenizer.from_pretrained, source), source, "tokenizer", fix_for_model(source))
+        if tokenizer is None:
+            tokenizer = opened(partial(AutoTokenizer.from_pretrained, source), source, "tokenizer", fix_for_model(source))
         from llamatune.artifacts.export_report import run_of
         from llamatune.artifacts.modelfile import trained_system
 
@@ -283,7 +310,7 @@ def export_ollama(source: Path, folder: Path, quant: str = "f16", say: Callable[
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         try:
-            report = _write_gguf(source, staging / "model.gguf", quant, say)
+            report = _write_gguf(source, staging / "model.gguf", quant, say, tokenizer, weights, config)
             (staging / "Modelfile").write_text(modelfile)
             strictjson.write(staging / "export_report.json", report)
             staging.rename(folder)

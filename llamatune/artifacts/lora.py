@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llamatune.artifacts.files import FIX_RUN, opened
+from llamatune.errors import LlamatuneError
 
 if TYPE_CHECKING:
     import torch
@@ -139,6 +140,13 @@ class Deltas:
                 name = f"model.layers.{layer}.{module}"
                 self.pairs[f"{name}.weight"] = Pair(a, b, peft_scale(self.settings, name, a.shape[0]))
 
+        for weight, pair in self.pairs.items():
+            want = _projection_shape(config, weight.split(".", 3)[3].removesuffix(".weight"))
+            if want and (pair.b.shape[0], pair.a.shape[1]) != want:
+                raise does_not_fit(run, getattr(config, "_name_or_path", "") or "the base",
+                                   f"{weight} is {tuple(want)} in the base, the adapter's B@A "
+                                   f"{(pair.b.shape[0], pair.a.shape[1])}")
+
     def __contains__(self, weight: str) -> bool:
         return weight in self.pairs
 
@@ -159,3 +167,21 @@ class Deltas:
         if pair is None:
             return rows
         return rows.to(torch.float32) + (pair.b[start:start + rows.shape[0]] @ pair.a) * pair.scale
+
+
+def _projection_shape(config, module: str) -> tuple[int, int] | None:
+    """(out, in) features of a decoder-layer projection in a Llama model of `config`."""
+    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    hidden, inter = config.hidden_size, config.intermediate_size
+    return {"self_attn.q_proj": (config.num_attention_heads * head, hidden),
+            "self_attn.k_proj": (config.num_key_value_heads * head, hidden),
+            "self_attn.v_proj": (config.num_key_value_heads * head, hidden),
+            "self_attn.o_proj": (hidden, config.num_attention_heads * head),
+            "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}.get(module)
+
+
+def does_not_fit(run: Path, base: str, detail: str) -> LlamatuneError:
+    """The error for an adapter whose tensors do not fit the base it is paired with (the base was replaced)."""
+    return LlamatuneError(f"the adapter in {run / 'adapter'} does not fit the base model {base} ({detail}); was the base "
+                          f"model (model.path in {run / 'recipe.yaml'}) replaced since training? Point model.path at "
+                          "the model the run was trained on")

@@ -128,9 +128,10 @@ def _merge_streamed(staging: Path, base: Path, config, deltas, dtype: str, promp
 
     from llamatune.artifacts import layerwise
     from llamatune.artifacts.tensors import Safetensors, SafetensorsWriter
-    from llamatune.artifacts.weights import FolderWeights
+    from llamatune.artifacts.weights import FolderWeights, MergedWeights, row_blocks
 
     files = Safetensors.folder(base)
+    merged_weights = MergedWeights(base, deltas)
     out_dtype = getattr(torch, _DTYPES[dtype])
     tied = getattr(config, "tie_word_embeddings", False)
     names = [n for n in files.names() if not (tied and n == "lm_head.weight")]  # as save_pretrained drops a tied head
@@ -138,8 +139,9 @@ def _merge_streamed(staging: Path, base: Path, config, deltas, dtype: str, promp
     writer = SafetensorsWriter(staging, plan, max_shard_bytes=2 * 10**9)
     try:
         with Phase(say, f"merge: base + adapter to {dtype}, tensor by tensor", len(plan), "tensors") as phase:
-            for name, kind, _ in plan:
-                writer.write(name, deltas.merged(name, files.read(name)).to(kind))
+            for name, kind, _ in plan:  # a block of rows at a time: an 8B model's embeddings are 2 GB in float32
+                writer.write_chunks(name, row_blocks(merged_weights, name, kind) if kind.is_floating_point
+                                    else [files.read(name)])
                 phase.advance()
         writer.close()
     finally:

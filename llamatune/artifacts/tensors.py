@@ -415,24 +415,3 @@ class GGUFStream:
 
     def _pad(self) -> None:
         self._fout.write(b"\0" * (-self._fout.tell() % self._alignment))
-
-
-def rss_peak_bytes() -> int:
-    """This process's peak resident memory so far (Linux and macOS report it in different units)."""
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def drop_cache(path: Path) -> None:
-    """Tells the kernel it may drop `path`'s cached pages (they are not ours to keep; no effect on correctness)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    except (OSError, AttributeError):
-        pass

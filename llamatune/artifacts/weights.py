@@ -7,13 +7,26 @@ Every source has `names()`, `has(name)`, `shape(name)`, `get(name)`, `rows(name,
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Iterator
 
-from llamatune.artifacts.tensors import GGUFTensors, Safetensors
+from llamatune.artifacts.tensors import CHUNK_ELEMENTS, GGUFTensors, Safetensors
 
 if TYPE_CHECKING:
     import torch
+
+
+def row_blocks(source, name: str, dtype, align: int = 1) -> Iterator["torch.Tensor"]:
+    """The tensor `name` of `source` in `dtype`, as consecutive blocks of about CHUNK_ELEMENTS values (a multiple of
+    `align` rows each: whole heads where rows are permuted per head), so that no copy of a large tensor is whole."""
+    shape = source.shape(name)
+    if len(shape) < 2:
+        yield source.get(name).to(dtype)
+        return
+    step = max(align, CHUNK_ELEMENTS // math.prod(shape[1:]) // align * align)
+    for start in range(0, shape[0], step):
+        yield source.rows(name, start, start + step).to(dtype)
 
 
 class FolderWeights:

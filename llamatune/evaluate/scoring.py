@@ -109,10 +109,9 @@ def with_adapter(base, run: Path):
     try:
         return opened(partial(PeftModel.from_pretrained, base, str(run / "adapter")), run / "adapter", "adapter", FIX_RUN)
     except (RuntimeError, ValueError, KeyError) as exc:  # whole files that do not fit: shapes or module names differ
-        first = str(exc).strip().splitlines()[0][:300]
-        raise LlamatuneError(f"the adapter in {run / 'adapter'} does not fit the base model {base.name_or_path} ({first}); "
-                             f"was the base model (model.path in {run / 'recipe.yaml'}) replaced since training? Point "
-                             "model.path at the model the run was trained on") from None
+        from llamatune.artifacts.lora import does_not_fit
+
+        raise does_not_fit(run, base.name_or_path, str(exc).strip().splitlines()[0][:300]) from None
 
 
 def _padded(tokenizer):
