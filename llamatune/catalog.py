@@ -198,7 +198,7 @@ def gguf_storage_dtype(gguf: Path, requested: str) -> str:
     copy of a 4-bit file. The builtin model is the exception: it stays float32 (small, and what CPUs train in)."""
     if requested != "auto":
         return requested
-    from llamatune.artifacts.tensors import GGUFTensors
+    from llamatune.artifacts.gguf_io import GGUFTensors
 
     file = GGUFTensors(gguf)
     kinds = {file.qtype(n) for n in file.names() if len(file.shape(n)) == 2}

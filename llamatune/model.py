@@ -144,7 +144,8 @@ def load_base(ref: str, spec: ModelSpec, quant: QuantizationSpec, device_map=Non
         kwargs["quantization_config"] = _bnb_config(quant, sharded, precision)
         if not sharded:  # FSDP places the shards itself
             kwargs["device_map"] = device_map or ({"": 0} if torch.cuda.is_available() else {"": "cpu"})
-    load = partial(AutoModelForCausalLM.from_pretrained, ref, **kwargs)
+    load = partial(_from_local, Path(ref), kwargs) if _has_safetensors(Path(ref)) else \
+        partial(AutoModelForCausalLM.from_pretrained, ref, **kwargs)
     try:
         # A local folder's damaged file is named; what is left (an unreachable hub id) gets the message below.
         model = opened(load, Path(ref), "model", fix_for_model(Path(ref))) if Path(ref).is_dir() else load()
@@ -157,6 +158,29 @@ def load_base(ref: str, spec: ModelSpec, quant: QuantizationSpec, device_map=Non
     model.config.use_cache = False
     if quant.mode == "nf4":
         _disable_cpu_inference_packing(model)
+    return model
+
+
+def _has_safetensors(folder: Path) -> bool:
+    return folder.is_dir() and ((folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file())
+
+
+def _from_local(folder: Path, kwargs: dict):
+    """A local folder's model with its tensors read one at a time (tensors.deferred_state_dict), not memory-mapped:
+    the peak of loading is then the model as loaded plus one stored tensor, not plus the whole checkpoint (which a
+    dtype change or 4-bit quantization otherwise keeps mapped until the end). The weights are the same."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from llamatune.artifacts.tensors import Safetensors, deferred_state_dict
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=kwargs["trust_remote_code"])
+    model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    rest = {k: v for k, v in kwargs.items() if k not in ("revision", "trust_remote_code")}
+    model = model_class.from_pretrained(None, config=config, state_dict=deferred_state_dict(Safetensors.folder(folder)),
+                                        **rest)
+    model.name_or_path = model.config._name_or_path = str(folder)  # what peft records as the adapter's base
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
     return model
 
 

@@ -151,7 +151,7 @@ def _write_gguf(source: Path, out: Path, quant: str, say: Callable[[str], None] 
         The export report (file facts, tokenizer check, quality).
     """
     from llamatune.artifacts import export_report
-    from llamatune.artifacts.tensors import GGUFStream
+    from llamatune.artifacts.gguf_io import GGUFStream
     from llamatune.artifacts.weights import FolderWeights
 
     if config is None:

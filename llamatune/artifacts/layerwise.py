@@ -12,7 +12,7 @@ GGUF). `hooks(i, layer)` may change layer i before it runs (the unmerged LoRA pa
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Callable
 
 from llamatune.artifacts.tensors import CHUNK_ELEMENTS
 

@@ -1,9 +1,9 @@
-"""Streaming model I/O: read a model's tensors one at a time from safetensors shards or a GGUF file, write safetensors
-shards (with their index) or a GGUF file one tensor at a time. Conversion, merge and export all go through here, so
+"""Streaming model I/O: read a model's tensors one at a time from safetensors shards (here) or a GGUF file
+(gguf_io.py), write safetensors shards (with their index) or a GGUF file one tensor at a time. Conversion, merge and export all go through here, so
 their peak memory is bounded by the largest tensor (or a chunk of its rows) plus a fixed overhead, never by the
 size of the model.
 
-Reads are plain `pread`s into a buffer owned by the returned tensor, not memory maps: pages of a mapped file count
+Reads are plain reads into a buffer owned by the returned tensor, not memory maps: pages of a mapped file count
 in the process's resident memory while they stay mapped, so reading a 16 GB model through `safe_open` or
 `GGUFReader`'s memmap would show a 16 GB peak even though each tensor is dropped after use. The GGUF header and
 tensor table are still parsed by the `gguf` package (its memmap then only touches those first pages).
@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
 
 # Rows are converted in chunks of about this many elements: a chunk's float32 copy and the dequantizer's
@@ -55,7 +53,8 @@ class _Entry:
     stop: int
 
 
-def _read_bytes(file: Path, start: int, stop: int) -> bytearray:
+def read_bytes(file: Path, start: int, stop: int) -> bytearray:
+    """Bytes [start, stop) of `file`, read into a fresh buffer (plain reads: nothing stays mapped)."""
     buf = bytearray(stop - start)
     with open(file, "rb") as f:
         f.seek(start)
@@ -130,14 +129,14 @@ class Safetensors:
     def read(self, name: str) -> "torch.Tensor":
         """The whole tensor, in its stored dtype (a fresh copy)."""
         e = self._entries[name]
-        return self._tensor(_read_bytes(e.file, e.start, e.stop), e.code, e.shape)
+        return self._tensor(read_bytes(e.file, e.start, e.stop), e.code, e.shape)
 
     def rows(self, name: str, start: int, stop: int) -> "torch.Tensor":
         """Rows [start, stop) of the tensor (its first dimension)."""
         e = self._entries[name]
         row = (e.stop - e.start) // max(e.shape[0], 1)
         stop = min(stop, e.shape[0])
-        return self._tensor(_read_bytes(e.file, e.start + start * row, e.start + stop * row), e.code,
+        return self._tensor(read_bytes(e.file, e.start + start * row, e.start + stop * row), e.code,
                             (stop - start, *e.shape[1:]))
 
     def take(self, name: str, ids: Iterable[int]) -> "torch.Tensor":
@@ -155,6 +154,23 @@ class Safetensors:
         if not buf:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+class _Deferred:
+    """One tensor of a Safetensors, read when transformers' loader indexes it (`t[...]`), as its own mmap slices are."""
+
+    def __init__(self, files: "Safetensors", name: str):
+        self.files, self.name = files, name
+
+    def __getitem__(self, key) -> "torch.Tensor":
+        return self.files.read(self.name)[key]
+
+
+def deferred_state_dict(files: "Safetensors") -> dict:
+    """A state dict whose tensors are read (plain file reads) one at a time as the model loads them: the loader then holds
+    the model being built and one source tensor, where its memory maps keep every stored page of the checkpoint
+    resident until the load ends (a 16 GB bf16 model loaded to 4 bits would show a 16 GB peak)."""
+    return {name: _Deferred(files, name) for name in files.names()}
 
 
 def shard_plan(entries: list[tuple[str, "torch.dtype", tuple[int, ...]]], max_shard_bytes: int) -> list[list[int]]:
@@ -285,133 +301,3 @@ def torch_uint8():
     import torch
 
     return torch.uint8
-
-
-# ---- GGUF -----------------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class _GGUFEntry:
-    qtype: object  # gguf.GGMLQuantizationType
-    shape: tuple[int, ...]  # numpy (row-major) order: [rows, columns]
-    start: int
-    nbytes: int
-
-
-class GGUFTensors:
-    """The tensors of a GGUF file, dequantized to float32 one tensor (or a few rows of one) at a time; names and
-    shapes are the file's own (llama.cpp names, numpy row-major order, Q/K rows in llama.cpp's rotary order)."""
-
-    def __init__(self, path: Path):
-        import gguf
-
-        self.path = Path(path)
-        reader = gguf.GGUFReader(str(path))
-        self.fields = reader.fields
-        self._entries = {t.name: _GGUFEntry(t.tensor_type, tuple(int(n) for n in reversed(t.shape)),
-                                            int(t.data_offset), int(t.n_bytes)) for t in reader.tensors}
-        del reader  # its memmap: nothing past the header was touched
-
-    def names(self) -> list[str]:
-        return list(self._entries)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._entries
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._entries[name].shape
-
-    def qtype(self, name: str) -> str:
-        return self._entries[name].qtype.name
-
-    def read(self, name: str) -> "np.ndarray":
-        """The whole tensor as float32 [rows, columns] (1-D for vectors)."""
-        return self.rows(name, 0, self._rows(name))
-
-    def _rows(self, name: str) -> int:
-        shape = self._entries[name].shape
-        return shape[0] if len(shape) > 1 else 1
-
-    def rows(self, name: str, start: int, stop: int) -> "np.ndarray":
-        """Rows [start, stop) as float32, dequantized chunk by chunk into one array."""
-        import numpy as np
-        from gguf.quants import dequantize
-
-        e = self._entries[name]
-        n_rows = self._rows(name)
-        stop = min(stop, n_rows)
-        row_bytes = e.nbytes // n_rows
-        cols = math.prod(e.shape) // n_rows
-        out = np.empty((stop - start, cols), dtype=np.float32)
-        step = max(1, CHUNK_ELEMENTS // max(cols, 1))
-        for r in range(start, stop, step):
-            end = min(stop, r + step)
-            raw = np.frombuffer(_read_bytes(self.path, e.start + r * row_bytes, e.start + end * row_bytes), np.uint8)
-            out[r - start:end - start] = dequantize(raw.reshape(end - r, row_bytes), e.qtype).reshape(end - r, cols)
-        return out if len(e.shape) > 1 else out.reshape(-1)
-
-    def take(self, name: str, ids: Iterable[int]) -> "np.ndarray":
-        import numpy as np
-
-        picked = [self.rows(name, i, i + 1) for i in ids]
-        return np.concatenate(picked) if picked else self.rows(name, 0, 0)
-
-
-class GGUFStream:
-    """A GGUF file written tensor by tensor: every tensor's name, shape and type is declared first (`declare`), then
-    `begin` writes the header, metadata and tensor table, and `write` appends each tensor's bytes, in declared
-    order, in as many chunks as the caller likes (rows quantized a chunk at a time never exist whole)."""
-
-    def __init__(self, path: Path, arch: str = "llama"):
-        import gguf
-
-        self.writer = gguf.GGUFWriter(str(path), arch)
-        self._order: list[tuple[str, int]] = []  # (name, bytes)
-        self._next = 0
-        self._alignment = self.writer.data_alignment
-
-    def declare(self, name: str, shape: tuple[int, ...], qtype: str) -> None:
-        """Announces a tensor: `shape` in numpy order of its float values, `qtype` a GGML type name (F32, F16, Q8_0...)."""
-        import gguf
-        import numpy as np
-        from gguf.quants import quant_shape_to_byte_shape
-
-        kind = gguf.GGMLQuantizationType[qtype]
-        numpy_type = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}.get(kind)
-        # F32 and F16 are numpy dtypes the writer knows; BF16 and the block types are declared as raw bytes.
-        byte_shape = tuple(shape) if numpy_type else tuple(quant_shape_to_byte_shape(shape, kind))
-        nbytes = math.prod(byte_shape) * (np.dtype(numpy_type).itemsize if numpy_type else 1)
-        self.writer.add_tensor_info(name, byte_shape, np.dtype(numpy_type or np.uint8), nbytes,
-                                    raw_dtype=None if numpy_type else kind)
-        self._order.append((name, nbytes))
-
-    def begin(self) -> None:
-        """Writes everything before the tensor data (the metadata added to `writer` until now included)."""
-        self.writer.write_header_to_file()
-        self.writer.write_kv_data_to_file()
-        self.writer.write_ti_data_to_file()
-        self._fout = self.writer.fout[0] if isinstance(self.writer.fout, list) else self.writer.fout
-        self._pad()
-
-    def write(self, name: str, chunks: Iterator["np.ndarray"]) -> None:
-        """The bytes of the next declared tensor (quantized blocks, or F32/F16 values), chunk after chunk."""
-        want, nbytes = self._order[self._next]
-        if name != want:
-            raise ValueError(f"expected tensor {want}, got {name}")
-        done = 0
-        for chunk in chunks:
-            raw = memoryview(chunk.reshape(-1).view("uint8"))
-            self._fout.write(raw)
-            done += raw.nbytes
-        if done != nbytes:
-            raise ValueError(f"{name}: wrote {done} bytes, declared {nbytes}")
-        self._pad()
-        self._next += 1
-
-    def close(self) -> None:
-        if self._next != len(self._order):
-            raise ValueError(f"{len(self._order) - self._next} declared tensors were not written")
-        self._fout.flush()
-        self.writer.close()
-
-    def _pad(self) -> None:
-        self._fout.write(b"\0" * (-self._fout.tell() % self._alignment))

@@ -11,7 +11,8 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator
 
-from llamatune.artifacts.tensors import CHUNK_ELEMENTS, GGUFTensors, Safetensors
+from llamatune.artifacts.gguf_io import GGUFTensors
+from llamatune.artifacts.tensors import CHUNK_ELEMENTS, Safetensors
 
 if TYPE_CHECKING:
     import torch
