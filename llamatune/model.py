@@ -174,6 +174,8 @@ def _from_local(folder: Path, kwargs: dict):
     from llamatune.artifacts.tensors import Safetensors, deferred_state_dict
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=kwargs["trust_remote_code"])
+    if type(config) not in AutoModelForCausalLM._model_mapping:  # remote code: transformers' own loading
+        return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     model_class = AutoModelForCausalLM._model_mapping[type(config)]
     rest = {k: v for k, v in kwargs.items() if k not in ("revision", "trust_remote_code")}
     model = model_class.from_pretrained(None, config=config, state_dict=deferred_state_dict(Safetensors.folder(folder)),

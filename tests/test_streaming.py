@@ -242,6 +242,16 @@ print("PEAK", peak_rss_bytes())
 """
 
 
+_LOAD = """
+import sys
+from llamatune.model import load_base
+from llamatune.memory import peak_rss_bytes
+from llamatune.schema import ModelSpec, QuantizationSpec
+load_base(sys.argv[1], ModelSpec(path=sys.argv[1], dtype="bfloat16"), QuantizationSpec(), precision="bf16")
+print("PEAK", peak_rss_bytes())
+"""
+
+
 def _peak(*argv) -> int:
     """Peak RSS of `llamatune ARGV...` (or of a script given first) in a fresh process."""
     script = argv[0] if isinstance(argv[0], str) and argv[0].startswith("\n") else None
@@ -271,13 +281,17 @@ def test_peak_memory_grows_with_a_layer_not_with_the_model(tmp_path, tiny_model_
         train(load_recipe(recipe), "r", run_dir=folder / "run")
         peaks[name] = {"merge": _peak("merge", folder / "run", "--out", folder / "merged"),
                        "export": _peak("export", folder / "merged", "--quant", "q8_0", "--out", folder / "m.gguf"),
-                       "convert": _peak(_CONVERT, folder / "m.gguf", folder / "back")}
+                       "convert": _peak(_CONVERT, folder / "m.gguf", folder / "back"),
+                       "load in bf16": _peak(_LOAD, model)}
     mapped = (tmp_path / "big" / "m.gguf").stat().st_size
     measured_in = json.loads((tmp_path / "big" / "m.export_report.json").read_text())["quality"]["measured_in"]
     print(f"model {size / 2**20:.0f} MiB, layer {layer / 2**20:.0f} MiB, largest tensor {largest / 2**20:.0f} MiB, "
           "peaks (MiB):", {k: {s: round(v / 2**20) for s, v in p.items()} for k, p in peaks.items()})
     assert size > 380 * 2**20
     bound = layer + 2 * largest + 64 * 2**20
+    # loading the float32 folder in bfloat16 holds the bf16 model and a tensor, not the model's file pages too
+    grown = peaks["big"]["load in bf16"] - peaks["tiny"]["load in bf16"]
+    assert grown <= size / 2 + 2 * largest + 64 * 2**20, (grown / 2**20, size / 2**20)
     for step in ("merge", "export", "convert"):
         grown = peaks["big"][step] - peaks["tiny"][step]
         allowed = bound + (mapped if step == "export" and measured_in.startswith("llama.cpp") else 0)
