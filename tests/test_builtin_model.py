@@ -123,6 +123,23 @@ def test_quickstart_merge_export_gguf_then_eval_end_to_end(builtin_folder, tmp_p
     for args in steps:
         result = runner.invoke(app, args)
         assert result.exit_code == 0, (args[0], result.output)
+    # The streamed merge is peft's merge_and_unload of the real model (to float32 rounding of B@A block by block),
+    # and exporting the run itself (adapter merged on the fly) writes the same tensors as exporting its merge.
+    import gguf
+    from peft import PeftModel
+
+    from llamatune.artifacts.tensors import Safetensors
+
+    base = AutoModelForCausalLM.from_pretrained(builtin_folder, dtype=torch.float32)
+    by_peft = PeftModel.from_pretrained(base, tmp_path / "run" / "adapter").merge_and_unload().state_dict()
+    files = Safetensors.folder(tmp_path / "run" / "merged")
+    assert max(float((files.read(n) - by_peft[n]).abs().max()) for n in files.names()) <= 1e-6
+    del base, by_peft
+    result = runner.invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "from-run.gguf")])
+    assert result.exit_code == 0, result.output
+    exported = [{t.name: t for t in gguf.GGUFReader(tmp_path / f).tensors} for f in ("model.gguf", "from-run.gguf")]
+    assert list(exported[0]) == list(exported[1])
+    assert all((exported[0][n].data == exported[1][n].data).all() for n in exported[0])
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "merged")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf", dtype=torch.float32)
     ids = torch.tensor([[1, 4093, 198, 1780, 314, 253, 7971, 47, 2, 198, 1, 520, 9531, 198]])

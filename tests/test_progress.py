@@ -155,7 +155,7 @@ def test_eval_merge_and_bench_in_a_log_are_never_quiet(tiny_recipe, tmp_path):
     assert re.search(r"^\d\d:\d\d:\d\d eval tuned: [12]/3 examples, \d+s elapsed, eta \d+s$", text, re.M), text
     assert re.search(r"eval tuned: done, 3 examples in \d+s", text), text
     text, _, _ = _timed_lines(["merge", str(run)], "slow:0.7:merge:reference")
-    assert "merge: reference logits of base + adapter: done, 8 prompts" in text, text
+    assert "merge: reference logits of base + adapter, layer by layer: done, 2 layers" in text, text
     text, _, _ = _timed_lines(["bench", str(tiny_recipe), "--steps", "3"], "slow:3:micro:2:0")
     assert "step 2/3 running" in text, text
 
