@@ -134,6 +134,16 @@ def write_qa_recipe(folder: Path, model_dir: Path, n_train: int, lora: str, trai
     return recipe
 
 
+def train_tiny_run(folder: Path, model_dir: Path) -> Path:
+    """A run directory (folder/run) of model_dir trained 4 steps with a rank-4 adapter, no dropout, on 16 Q&A rows."""
+    from llamatune.recipe import load_recipe
+    from llamatune.train.loop import train
+
+    recipe = write_qa_recipe(folder, model_dir, 16, lora="  r: 4\n  dropout: 0.0\n", train="  lr: 2.0e-2\n  max_steps: 4\n")
+    train(load_recipe(recipe), "r", run_dir=folder / "run")
+    return folder / "run"
+
+
 @pytest.fixture
 def tiny_recipe(tmp_path, tiny_model_dir) -> Path:
     """A recipe training the tiny model for a few steps on generated Q&A; returns its path."""

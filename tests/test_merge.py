@@ -17,12 +17,10 @@ from llamatune.train.loop import train
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model_dir):
-    from conftest import write_qa_recipe
+    from conftest import train_tiny_run
 
     folder = tmp_path_factory.mktemp("merge")
-    recipe = write_qa_recipe(folder, tiny_model_dir, 16, lora="  r: 4\n  dropout: 0.0\n", train="  lr: 2.0e-2\n  max_steps: 4\n")
-    train(load_recipe(recipe), "r", run_dir=folder / "run")
-    return folder / "run", recipe
+    return train_tiny_run(folder, tiny_model_dir), folder / "r.yaml"
 
 
 def test_merge_matches_base_plus_adapter_and_loads_with_plain_transformers(run, tmp_path):

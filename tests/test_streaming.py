@@ -38,13 +38,9 @@ def wide(tmp_path_factory, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model_dir):
-    from conftest import write_qa_recipe
+    from conftest import train_tiny_run
 
-    folder = tmp_path_factory.mktemp("stream-run")
-    recipe = write_qa_recipe(folder, tiny_model_dir, 16, lora="  r: 4\n  dropout: 0.0\n",
-                             train="  lr: 2.0e-2\n  max_steps: 4\n")
-    train(load_recipe(recipe), "r", run_dir=folder / "run")
-    return folder / "run"
+    return train_tiny_run(tmp_path_factory.mktemp("stream-run"), tiny_model_dir)
 
 
 def _cli(*argv, code: int = 0) -> str:
@@ -252,11 +248,9 @@ print("PEAK", peak_rss_bytes())
 """
 
 
-def _peak(*argv) -> int:
-    """Peak RSS of `llamatune ARGV...` (or of a script given first) in a fresh process."""
-    script = argv[0] if isinstance(argv[0], str) and argv[0].startswith("\n") else None
-    args = [sys.executable, "-c", script, *map(str, argv[1:])] if script else [sys.executable, "-c", _MEASURE, *map(str, argv)]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=900)
+def _peak(script: str, *argv) -> int:
+    """Peak RSS of `python -c SCRIPT ARGV...` in a fresh process (_MEASURE: the llamatune command ARGV)."""
+    done = subprocess.run([sys.executable, "-c", script, *map(str, argv)], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
     return int(done.stdout.rsplit("PEAK", 1)[1])
 
@@ -279,8 +273,8 @@ def test_peak_memory_grows_with_a_layer_not_with_the_model(tmp_path, tiny_model_
         folder.mkdir(exist_ok=True)
         recipe = write_qa_recipe(folder, model, 8, lora="  r: 4\n  dropout: 0.0\n", train="  max_steps: 1\n")
         train(load_recipe(recipe), "r", run_dir=folder / "run")
-        peaks[name] = {"merge": _peak("merge", folder / "run", "--out", folder / "merged"),
-                       "export": _peak("export", folder / "merged", "--quant", "q8_0", "--out", folder / "m.gguf"),
+        peaks[name] = {"merge": _peak(_MEASURE, "merge", folder / "run", "--out", folder / "merged"),
+                       "export": _peak(_MEASURE, "export", folder / "merged", "--quant", "q8_0", "--out", folder / "m.gguf"),
                        "convert": _peak(_CONVERT, folder / "m.gguf", folder / "back"),
                        "load in bf16": _peak(_LOAD, model)}
     mapped = (tmp_path / "big" / "m.gguf").stat().st_size

@@ -99,14 +99,14 @@ def recipe(work: Path, gguf: Path, quant: str) -> Path:
 def _measure(argv: list[str], env: dict | None = None, log: Path | None = None) -> dict:
     """Wall seconds and peak RSS (GiB) of one command in a fresh process."""
     t0 = time.perf_counter()
-    out = open(log, "w") if log else subprocess.DEVNULL
-    proc = subprocess.Popen(argv, cwd=REPO, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    with open(log or os.devnull, "w") as out:
+        proc = subprocess.Popen(argv, cwd=REPO, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # wait4: the child's own peak, which Popen.wait does not give
     wall = time.perf_counter() - t0
-    if proc.returncode != 0:
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
         tail = log.read_text()[-3000:] if log else ""
-        raise SystemExit(f"{' '.join(argv)} failed ({proc.returncode}):\n{tail}")
+        raise SystemExit(f"{' '.join(argv)} failed ({code}):\n{tail}")
     return {"wall_s": round(wall, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2)}
 
 

@@ -15,7 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from llamatune.artifacts.files import check_output, fix_for_model, opened
+from llamatune.artifacts.files import check_output, fix_for_model, is_run, opened
 from llamatune.artifacts.gguf_vocab import add_tokenizer
 from llamatune.artifacts.modelfile import ollama_modelfile, ollama_name
 from llamatune.errors import LlamatuneError
@@ -58,11 +58,6 @@ def export(source: Path, fmt: str, quant: str | None, out: Path | None, base: Pa
     if fmt == "ollama":
         return export_ollama(source, out or source.parent / f"{source.name}-ollama", kind, say=say, **opened_run)
     return export_gguf(source, out or source.parent / f"{source.name}-{kind}.gguf", kind, say=say, **opened_run)
-
-
-def is_run(source: Path) -> bool:
-    """True for a run directory (recipe.yaml and the adapter), which export merges on the fly."""
-    return (source / "recipe.yaml").is_file() and (source / "adapter").is_dir()
 
 
 def _open_run(run: Path, say: Callable[[str], None]) -> dict:

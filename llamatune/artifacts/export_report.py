@@ -181,7 +181,9 @@ def _log_softmax(x):
 def run_of(source: Path) -> Path | None:
     """The run a merged folder came from (its merge_report.json names it), when that run is still there; a run
     itself (exported with its adapter merged on the fly) is its own."""
-    if (source / "recipe.yaml").is_file() and (source / "adapter").is_dir():
+    from llamatune.artifacts.files import is_run
+
+    if is_run(source):
         return source
     try:
         run = Path(json.loads((source / "merge_report.json").read_text())["run"])

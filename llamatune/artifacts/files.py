@@ -59,6 +59,11 @@ def opened(load: Callable[[], T], folder: Path, kind: Kind, fix: str) -> T:
                              f"can read ({exc}); {fix}") from None
 
 
+def is_run(source: Path) -> bool:
+    """True for a run directory (recipe.yaml and the adapter), which export merges on the fly."""
+    return (source / "recipe.yaml").is_file() and (source / "adapter").is_dir()
+
+
 def run_dir_problem(run: Path) -> str | None:
     """What keeps `run` from being a complete run directory (recipe.yaml, adapter/, tokenizer/), or None."""
     for name, folder in (("recipe.yaml", False), ("adapter", True), ("tokenizer", True)):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator
 
-from llamatune.artifacts.tensors import CHUNK_ELEMENTS, read_bytes
+from llamatune.artifacts.tensors import CHUNK_ELEMENTS, TensorTable, read_bytes
 
 if TYPE_CHECKING:
     import numpy as np
@@ -25,7 +25,7 @@ class _GGUFEntry:
     nbytes: int
 
 
-class GGUFTensors:
+class GGUFTensors(TensorTable):
     """The tensors of a GGUF file, dequantized to float32 one tensor (or a few rows of one) at a time; names and
     shapes are the file's own (llama.cpp names, numpy row-major order, Q/K rows in llama.cpp's rotary order)."""
 
@@ -38,15 +38,6 @@ class GGUFTensors:
         self._entries = {t.name: _GGUFEntry(t.tensor_type, tuple(int(n) for n in reversed(t.shape)),
                                             int(t.data_offset), int(t.n_bytes)) for t in reader.tensors}
         del reader  # its memmap: nothing past the header was touched
-
-    def names(self) -> list[str]:
-        return list(self._entries)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._entries
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._entries[name].shape
 
     def qtype(self, name: str) -> str:
         return self._entries[name].qtype.name

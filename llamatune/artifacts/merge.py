@@ -82,6 +82,9 @@ def _merge_into(staging: Path, run_dir: Path, recipe, dtype: str, say: Callable[
     from llamatune.evaluate.scoring import run_tokenizer
 
     base = base_folder(run_dir, say)
+    # the base as the recipe names it: a hub id stays one, anything else is the local folder (resolved once: a
+    # .gguf base is hashed on every resolve)
+    ref = recipe.model.path if models.classify(recipe.model.path) == "hub" else str(base)
     config = _config(base)
     tokenizer = run_tokenizer(run_dir)
     deltas = lora.Deltas(run_dir, config)
@@ -102,7 +105,6 @@ def _merge_into(staging: Path, run_dir: Path, recipe, dtype: str, say: Callable[
             with Phase(say, "merge: the trained 8-bit model vs the merged one (whole model in memory)"):
                 report["trained_4bit_vs_merged"] = _quantized_gap(run_dir, recipe, str(base), _load(staging), prompts)
     _write_configs(staging, base, config, dtype, tokenizer)
-    ref = models.resolve(recipe.model, say)  # the base as the recipe names it (a hub id stays one)
     return {"run": str(run_dir), "base": ref, "dtype": dtype, "prompts": len(prompts), **report}, tokenizer
 
 

@@ -67,7 +67,23 @@ def read_bytes(file: Path, start: int, stop: int) -> bytearray:
     return buf
 
 
-class Safetensors:
+class TensorTable:
+    """Names and shapes of a file's tensors (`_entries`: name -> an entry with `.shape`), in the file's order; the
+    readers here and in gguf_io.py add how a tensor is read."""
+
+    _entries: dict
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name].shape
+
+
+class Safetensors(TensorTable):
     """The tensors of one model's safetensors files (model.safetensors, or the shards its index names), read one at
     a time; names keep the files' order."""
 
@@ -109,15 +125,6 @@ class Safetensors:
             if stop > end:
                 raise OSError(f"{file}: tensor {name} ends at byte {stop}, past the end of the file ({end}); cut short")
             self._entries[name] = _Entry(file, info["dtype"], tuple(int(n) for n in info["shape"]), start, stop)
-
-    def names(self) -> list[str]:
-        return list(self._entries)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._entries
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._entries[name].shape
 
     def dtype(self, name: str) -> "torch.dtype":
         return _torch_dtype(self._entries[name].code)

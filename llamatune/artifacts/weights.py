@@ -131,9 +131,7 @@ class GGUFWeights:
 
         from llamatune.artifacts.export import unpermute_rotary
 
-        if name.endswith("self_attn.q_proj.weight"):
-            array = unpermute_rotary(array, array.shape[0] // self._head_dim())
-        elif name.endswith("self_attn.k_proj.weight"):
+        if name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
             array = unpermute_rotary(array, array.shape[0] // self._head_dim())
         return torch.from_numpy(array).float()
 
