@@ -180,7 +180,7 @@ def _describe(err: dict, lines: dict[tuple, int | str], written: dict[tuple, str
     loc = tuple(str(p) for p in err["loc"] if not _is_union_tag(p))
     keys = (err.get("ctx") or {}).get("keys")
     if keys:  # a cross-field check (schema.conflict): point at every key it names, not at the section
-        return f"{', '.join(_where(loc + (k,), lines) for k in keys)}: {err['msg']}"
+        return f"{', '.join(_where(loc + tuple(k.split('.')), lines) for k in keys)}: {err['msg']}"
     where = _where(loc, lines)
     if err["type"] == "extra_forbidden":
         allowed = _allowed_keys(loc[:-1])

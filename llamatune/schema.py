@@ -55,6 +55,9 @@ class ModelSpec(_Spec):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit); hub ids only.")
     trust_remote_code: bool = Field(False, description="Run Python code shipped with a hub model. Off: only architectures "
                                      "transformers itself implements load. Turn on only for code you have read.")
+    adapter: str | None = Field(None, description="A finished run directory (any method): its adapter/ is where "
+                                "this run's adapter starts (continue training, or DPO after SFT). Its base model and LoRA "
+                                "settings must equal this recipe's. Relative to the recipe's folder.")
     dtype: Dtype = Field(
         "auto",
         description="Dtype of the frozen base weights. auto: bfloat16 when training runs in bf16 (half the memory; the "
@@ -99,7 +102,7 @@ class QuantizationSpec(_Spec):
 
 
 Reader = Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "text", "xml", "hub"]
-Format = Literal["instruction", "chat", "text", "multiple_choice", "classification"]
+Format = Literal["instruction", "chat", "text", "multiple_choice", "classification", "preference"]
 
 
 class SourceSpec(_Spec):
@@ -110,12 +113,21 @@ class SourceSpec(_Spec):
     reader: Reader = Field("auto", description="How to read the files; auto picks by extension (.jsonl .json .csv .tsv "
                            ".parquet .txt .md .xml). hub uses datasets.load_dataset.")
     format: Format = Field("instruction", description="instruction (prompt -> response) | chat (messages, every assistant "
-                           "turn trained) | text (raw documents, all tokens trained) | multiple_choice | classification.")
+                           "turn trained) | text (raw documents, all tokens trained) | multiple_choice | classification | "
+                           "preference (a prompt with a chosen and a rejected answer: train.method dpo / orpo).")
     records: str | None = Field(None, description="json/xml: dotted path to the list of records inside each file "
                                 "(e.g. 'data'); a JSON mapping id -> record is read as records with an `id` field.")
     explode: str | None = Field(None, description="Field path holding a list: one record per element, the element "
                                 "replacing the list (e.g. 'questions' then {questions.question}).")
-    prompt: str = Field("{prompt}", description="instruction / multiple_choice / classification: template of the user turn.")
+    prompt: str = Field("{prompt}", description="instruction / multiple_choice / classification / preference: template of "
+                        "the user turn (preference: a field holding a message list is read as the prompt's messages).")
+    chosen: str = Field("{chosen}", description="preference: template of the preferred answer; a single field holding a "
+                        "message list is read as messages (OpenAI role/content or ShareGPT from/value).")
+    rejected: str = Field("{rejected}", description="preference: template of the dispreferred answer (same rules as chosen).")
+    pairs: Literal["fields", "shared_prefix"] = Field(
+        "fields", description="preference: fields (a prompt, and chosen / rejected answers) | shared_prefix (chosen and "
+        "rejected are two whole conversations, as message lists or 'Human: ... Assistant: ...' transcripts, and the "
+        "messages they share are the prompt; the prompt key is not read).")
     response: str = Field("{response}", description="instruction: template of the answer.")
     system: str | None = Field(None, description="Template of a per-record system message (overrides data.system_prompt).")
     messages: str = Field("messages", description="chat: field path of the message list (OpenAI role/content or ShareGPT from/value).")
@@ -133,7 +145,7 @@ class SourceSpec(_Spec):
     max_records: int | None = Field(None, ge=1, description="Use at most this many records (the first ones, after explode).")
     weight: float = Field(1.0, gt=0, le=100, description="Repeat factor: 2 doubles this source in training, 0.5 keeps a seeded half.")
 
-    @field_validator("prompt", "response", "system", "text", "answer")
+    @field_validator("prompt", "response", "system", "text", "answer", "chosen", "rejected")
     @classmethod
     def _template_parses(cls, value: str | None) -> str | None:
         if value is not None:
@@ -248,6 +260,10 @@ class TrainSpec(_Spec):
         """Optimizer steps of the whole run: max_steps, else epochs (1 when unset) passes."""
         return self.max_steps or (self.epochs or 1) * steps_per_epoch
 
+    method: Literal["sft", "dpo", "orpo"] = Field(
+        "sft", description="sft (next-token loss on the answers) | dpo (direct preference optimization on "
+        "chosen/rejected pairs against a frozen reference) | orpo (odds-ratio preference loss plus the chosen answer's "
+        "next-token loss, no reference). dpo / orpo read format: preference data and the preference: section.")
     seed: int = Field(42, description="Seeds data order, the held-out split, adapter init and dropout.")
     epochs: int | None = Field(None, ge=1, description="Passes over the training set; 1 when neither epochs nor max_steps "
                                "is set. Set epochs or max_steps, not both.")
@@ -291,6 +307,26 @@ class TrainSpec(_Spec):
                                "before the run stops with its last good checkpoint.")
 
 
+class PreferenceSpec(_Spec):
+    """Preference tuning (train.method: dpo / orpo): how chosen answers are pushed above rejected ones."""
+
+    loss: Literal["sigmoid", "ipo", "simpo"] = Field(
+        "sigmoid", description="dpo: sigmoid (the DPO paper's -log sigmoid(beta * margin), margin = chosen minus rejected "
+        "log-ratio to the reference) | ipo (squared distance of the per-token margin from 1/(2 beta)) | simpo "
+        "(reference-free: per-token log-probs, -log sigmoid(beta * margin - simpo_gamma); beta ~2 suits it).")
+    beta: float = Field(0.1, gt=0, le=100, description="dpo: strength of the preference against the reference (higher = "
+                        "stay closer to it; TRL's default 0.1).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo sigmoid: the share of pairs assumed mislabelled "
+                                   "(conservative DPO): the loss also rewards the flipped preference by this share.")
+    simpo_gamma: float = Field(0.5, ge=0, description="dpo simpo: target margin between the per-token log-probs.")
+    orpo_lambda: float = Field(0.1, gt=0, le=100, description="orpo: weight of the odds-ratio term next to the chosen "
+                               "answer's next-token loss (TRL's ORPO beta, default 0.1).")
+    reference: Literal["base", "adapter_start"] = Field(
+        "base", description="dpo: the frozen reference model: base (the model with the adapter disabled: no second copy) "
+        "| adapter_start (the adapter model.adapter starts from, frozen; its log-probs are computed once before the "
+        "first step).")
+
+
 class OutputSpec(_Spec):
     """Where the run directory goes."""
 
@@ -306,9 +342,48 @@ class Recipe(_Spec):
     quantization: QuantizationSpec = QuantizationSpec()
     data: DataSpec
     train: TrainSpec = TrainSpec()
+    preference: PreferenceSpec = PreferenceSpec()
     output: OutputSpec = OutputSpec()
     # Set by the recipe loader (recipe.Provenance): the YAML line of each key, for problems found later, and the
     # values interpolated from the environment, shown as ${NAME} (secrets.py). Not part of equality.
     _provenance: Any = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _method_fits_data(self) -> "Recipe":
+        method = self.train.method
+        sources = [(f"data.{split}.{i}.format", s.format) for split, group in (("train", self.data.train),
+                   ("eval", self.data.eval or ())) for i, s in enumerate(group)]
+        if method == "sft":
+            wrong = [key for key, fmt in sources if fmt == "preference"]
+            if wrong:
+                raise conflict(("train.method", *wrong), "format: preference data (chosen / rejected pairs) trains with "
+                               "train.method: dpo or orpo; sft needs answers to imitate (format: instruction with "
+                               "response: '{chosen}' trains on the chosen answers)")
+            # By value, not by fields set: a run's resolved recipe (what merge and resume read back) writes every
+            # section out with its defaults.
+            if self.preference != PreferenceSpec():
+                raise conflict(("train.method", "preference"), "the preference: section is only read by train.method dpo "
+                               "or orpo; remove it, or set the method")
+            return self
+        wrong = [key for key, fmt in sources if fmt != "preference"]
+        if wrong:
+            raise conflict(("train.method", *wrong), f"train.method: {method} trains on chosen / rejected pairs: every "
+                           "source needs format: preference (prompt, chosen, rejected)")
+        pref, default = self.preference, PreferenceSpec()
+        changed = {k for k in type(pref).model_fields if getattr(pref, k) != getattr(default, k)}
+        if method == "orpo" and ({"loss", "beta", "label_smoothing", "simpo_gamma", "reference"} & changed):
+            keys = sorted({"loss", "beta", "label_smoothing", "simpo_gamma", "reference"} & changed)
+            raise conflict(tuple(f"preference.{k}" for k in keys), "orpo has no reference model and no DPO loss variant; "
+                           "its only setting is preference.orpo_lambda (or use train.method: dpo)")
+        if method == "dpo" and "orpo_lambda" in changed:
+            raise conflict(("preference.orpo_lambda", "train.method"), "orpo_lambda is read by train.method: orpo only")
+        if pref.label_smoothing and pref.loss != "sigmoid":
+            raise conflict(("preference.label_smoothing", "preference.loss"), f"label smoothing is defined for the "
+                           f"sigmoid loss only, not {pref.loss}")
+        if pref.reference == "adapter_start" and self.model.adapter is None:
+            raise conflict(("preference.reference", "model.adapter"), "reference: adapter_start needs model.adapter (the "
+                           "run whose adapter this one starts from); without it the start is the base model: use "
+                           "reference: base")
+        return self
 
 

@@ -56,7 +56,7 @@ def test_chat_unknown_role_names_it_and_role_mapping_fixes_it(tmp_path, tokenize
     with pytest.raises(RecipeError) as info:
         build_datasets(DataSpec(train=[{"path": str(path), "format": "chat"}], eval_fraction=0.5), tokenizer, seed=0)
     assert info.value.problems == [
-        f"{path}:2 (record id 'conv-7'): chat role 'patient' in message 0 is unknown; known roles: assistant, bot, gpt, "
+        f"{path}:2 (record id 'conv-7'): chat role 'patient' in message 0 of 'messages' is unknown; known roles: assistant, bot, gpt, "
         "human, model, system, user. Map it in the source, e.g. roles: {patient: user} (or assistant, system) (data.train.0.roles)"]
     mapped = chat(SourceSpec(path="x", format="chat", roles={"patient": "user", "doctor": "assistant"}), record, None, ())
     assert mapped.turns == (Turn("user", "Hi"), Turn("assistant", "Hello"))

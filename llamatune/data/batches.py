@@ -20,11 +20,11 @@ def pack(examples: Sequence[Example], max_length: int, seed: int) -> list[Row]:
     """
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
-    order.sort(key=lambda i: -len(examples[i].input_ids))  # stable: the shuffle decides ties
+    order.sort(key=lambda i: -examples[i].length)  # stable: the shuffle decides ties
     rows: list[list[int]] = []
     room: list[int] = []
     for i in order:
-        n = len(examples[i].input_ids)
+        n = examples[i].length
         slot = next((r for r, free in enumerate(room) if free >= n), None)
         if slot is None:
             rows.append([i])
@@ -78,7 +78,7 @@ def epoch_order(n: int, micro_batch_size: int, seed: int, epoch: int, world_size
 
 def eval_order(rows: Sequence[Row], batch_size: int) -> list[list[int]]:
     """Held-out batches grouped by length: the loss is the same in any order, and less padding is faster."""
-    by_length = sorted(range(len(rows)), key=lambda i: sum(len(e.input_ids) for e in rows[i]))
+    by_length = sorted(range(len(rows)), key=lambda i: sum(e.length for e in rows[i]))
     return [by_length[i : i + batch_size] for i in range(0, len(by_length), batch_size)]
 
 
@@ -89,17 +89,26 @@ def collate(rows: Sequence[Row], pad_id: int) -> dict:
     block-diagonal causal mask [B, 1, T, T] (bool, True = may attend), position ids restart at 0 for
     every example, and the first token of each packed example gets no label: unpacked, nothing
     precedes it, so nothing may predict it from the previous example either.
+
+    Preference pairs (packed or not) are laid out as a tree: [prompt, chosen, rejected], the rejected tokens seeing
+    the prompt and themselves only, with positions that continue the prompt's, so the prompt is encoded once for
+    both answers. `labels` then holds the chosen answers only; every answer token of both sides is listed in
+    pair_rows / pair_cols (the position whose output predicts it: the first rejected token is predicted from the
+    last prompt token, not from the token before it in the row), pair_targets and pair_index (2 * pair + side,
+    side 0 chosen, 1 rejected), with `pairs` the number of pairs.
     """
     import torch
 
-    width = max(sum(len(e.input_ids) for e in row) for row in rows)
+    width = max(sum(e.length for e in row) for row in rows)
     width = -(-width // PAD_MULTIPLE) * PAD_MULTIPLE
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)
-    packed = any(len(row) > 1 for row in rows)
-    mask = torch.zeros((len(rows), 1, width, width) if packed else (len(rows), width), dtype=torch.bool if packed else torch.long)
-    causal = torch.ones((width, width), dtype=torch.bool).tril() if packed else None
+    paired = any(e.is_pair for row in rows for e in row)
+    tree = paired or any(len(row) > 1 for row in rows)
+    mask = torch.zeros((len(rows), 1, width, width) if tree else (len(rows), width), dtype=torch.bool if tree else torch.long)
+    causal = torch.ones((width, width), dtype=torch.bool).tril() if tree else None
+    scored: list[tuple[int, int, int, int]] = []  # (row, predicting column, target token, 2 * pair + side)
     for r, row in enumerate(rows):
         start = 0
         for e in row:
@@ -109,12 +118,29 @@ def collate(rows: Sequence[Row], pad_id: int) -> dict:
             if start > 0:
                 labels[r, start] = IGNORE_INDEX
             positions[r, start : start + n] = torch.arange(n)
-            if packed:
+            if tree:
                 mask[r, 0, start : start + n, start : start + n] = causal[:n, :n]
             else:
                 mask[r, :n] = 1
+            if e.is_pair:
+                pair = len(scored) and scored[-1][3] // 2 + 1
+                scored += [(r, start + j - 1, e.input_ids[j], 2 * pair) for j in range(max(e.branch, 1), n)
+                           if e.labels[j] != IGNORE_INDEX]
+                m, at = len(e.rejected_ids), start + n  # the rejected answer follows the chosen one in the row
+                ids[r, at : at + m] = torch.tensor(e.rejected_ids)
+                positions[r, at : at + m] = torch.arange(e.branch, e.branch + m)
+                mask[r, 0, at : at + m, start : start + e.branch] = True
+                mask[r, 0, at : at + m, at : at + m] = causal[:m, :m]
+                scored += [(r, start + e.branch - 1 if j == 0 else at + j - 1, e.rejected_ids[j], 2 * pair + 1)
+                           for j in range(m) if e.rejected_labels[j] != IGNORE_INDEX]
+                n += m
             start += n
-        if packed and start < width:
+        if tree and start < width:
             # Padding rows attend to themselves only, so softmax never sees an all-masked row (NaN).
             mask[r, 0, start:, start:] = torch.eye(width - start, dtype=torch.bool)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": positions}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": positions}
+    if paired:
+        found = torch.tensor(scored, dtype=torch.long).reshape(-1, 4)
+        batch.update(pair_rows=found[:, 0], pair_cols=found[:, 1], pair_targets=found[:, 2], pair_index=found[:, 3],
+                     pairs=torch.tensor(int(found[-1, 3]) // 2 + 1 if len(found) else 0))
+    return batch

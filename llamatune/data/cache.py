@@ -90,10 +90,12 @@ def _tokenizer_fingerprint(tokenizer) -> str:
 
 
 def _plain(rows: list) -> list:
-    return [[[list(e.input_ids), list(e.labels), list(e.choices), e.document] for e in row] for row in rows]
+    return [[[list(e.input_ids), list(e.labels), list(e.choices), e.document, e.branch, list(e.rejected_ids),
+              list(e.rejected_labels)] for e in row] for row in rows]
 
 
 def _rows(data: list) -> list:
-    # An entry written before examples said whether they are document windows has three fields per example:
+    # An entry written before examples said whether they are document windows (or before pairs) has fewer fields:
     # unpacking fails with ValueError, so load() treats it as a miss and rebuilds it.
-    return [tuple(Example(tuple(i), tuple(l), tuple(c), bool(d)) for i, l, c, d in row) for row in data]
+    return [tuple(Example(tuple(i), tuple(l), tuple(c), bool(d), int(b), tuple(ri), tuple(rl)) for i, l, c, d, b, ri, rl in row)
+            for row in data]

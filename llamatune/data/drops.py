@@ -45,7 +45,8 @@ def bounded(rendered: Rendered, max_chars: int, spec: DataSpec, origin: str) -> 
     or, with length_policy truncate, cut to what can still fit. Documents (format text) are windowed."""
     if rendered.document is not None:
         return rendered
-    size = sum(len(t.content) for t in rendered.turns)
+    # A pair is two sequences (prompt + chosen, prompt + rejected): each must fit max_length on its own.
+    size = max(sum(len(t.content) for t in turns) for turns in (rendered.turns, rendered.rejected))
     if size <= max_chars:
         return rendered
     detail = f"{size:,} characters, more than data.max_length={spec.max_length} tokens can hold"
@@ -54,8 +55,8 @@ def bounded(rendered: Rendered, max_chars: int, spec: DataSpec, origin: str) -> 
     if spec.length_policy == "drop":
         raise Drop("too_long", detail)
     # Each turn keeps at most max_chars: that is already more than the max_length tokens truncation keeps.
-    turns = tuple(Turn(t.role, t.content[:max_chars]) for t in rendered.turns)
-    return Rendered(turns=turns, document=None, choices=rendered.choices)
+    cut = lambda turns: tuple(Turn(t.role, t.content[:max_chars]) for t in turns)  # noqa: E731
+    return Rendered(turns=cut(rendered.turns), document=None, choices=rendered.choices, rejected=cut(rendered.rejected))
 
 
 def count_drop(entry: dict, reason: str, example: str) -> None:

@@ -28,10 +28,24 @@ class Example:
     # format text: a window of a raw document. It has no prompt to answer (the first window has no prompt at all),
     # so evaluation scores it by loss only, never by generating.
     document: bool = False
+    # format preference: input_ids/labels are prompt + chosen answer; the rejected answer's tokens continue the
+    # prompt, input_ids[:branch], which a batch holds once for both (see batches.collate).
+    branch: int = 0
+    rejected_ids: tuple[int, ...] = ()
+    rejected_labels: tuple[int, ...] = ()
 
     @property
     def n_label_tokens(self) -> int:
         return sum(1 for t in self.labels if t != IGNORE_INDEX)
+
+    @property
+    def is_pair(self) -> bool:
+        return bool(self.rejected_ids)
+
+    @property
+    def length(self) -> int:
+        """Tokens the example takes in a batch row (a pair: prompt, chosen and rejected answers)."""
+        return len(self.input_ids) + len(self.rejected_ids)
 
 
 SYSTEM_CHOICES = ("model-default", "none")
@@ -108,9 +122,38 @@ def encode_turns(tokenizer, turns: Sequence[Turn]) -> Example:
         LlamatuneError: If the template is not prefix-stable (the rendered prompt is not a prefix of
             the rendered conversation), so the answer cannot be located for the mask.
     """
+    ids, labels, _ = _encode_segments(tokenizer, turns)
+    return Example(input_ids=tuple(ids), labels=tuple(labels))
+
+
+def encode_pair(tokenizer, chosen: Sequence[Turn], rejected: Sequence[Turn]) -> Example:
+    """Encodes a preference pair: two conversations that share their first turns (the prompt).
+
+    Only the answers after the shared turns are labelled (an earlier assistant turn of the prompt is context).
+    The rejected branch keeps the tokens after the prompt; the prompt's tokens are those of the chosen conversation,
+    which are the rejected one's too because both render the same turns segment by segment.
+    """
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    c_ids, c_labels, c_starts = _encode_segments(tokenizer, chosen)
+    r_ids, r_labels, r_starts = _encode_segments(tokenizer, rejected)
+    branch = c_starts[shared]  # the first answer after the prompt (pairs.preference made it an assistant turn)
+    if r_starts[shared] != branch or c_ids[:branch] != r_ids[:branch]:
+        raise LlamatuneError("the chat template renders the same prompt differently before the chosen and the rejected "
+                             "answer, so the pair has no shared prompt; set data.chat_template to a template whose "
+                             "rendering of a message does not depend on later ones (e.g. chatml)")
+    c_labels[:branch] = [IGNORE_INDEX] * branch
+    return Example(input_ids=tuple(c_ids), labels=tuple(c_labels), branch=branch, rejected_ids=tuple(r_ids[branch:]),
+                   rejected_labels=tuple(r_labels[branch:]))
+
+
+def _encode_segments(tokenizer, turns: Sequence[Turn]) -> tuple[list[int], list[int], dict[int, int]]:
+    """Token ids, labels, and where each assistant turn's answer starts (turn index -> token offset)."""
     messages = [{"role": t.role, "content": t.content} for t in turns]
     ids: list[int] = []
     labels: list[int] = []
+    starts: dict[int, int] = {}
     done = ""
     for i, turn in enumerate(turns):
         if turn.role != "assistant":
@@ -126,10 +169,12 @@ def encode_turns(tokenizer, turns: Sequence[Turn]) -> Example:
             )
         context = tokenizer(prompt[len(done):], add_special_tokens=False)["input_ids"]
         answer = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
-        ids += context + answer
+        ids += context
+        starts[i] = len(ids)
+        ids += answer
         labels += [IGNORE_INDEX] * len(context) + answer
         done = full
-    return Example(input_ids=tuple(ids), labels=tuple(labels))
+    return ids, labels, starts
 
 
 def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
@@ -216,5 +261,6 @@ def encode_document(tokenizer, text: str, max_length: int, overlap: int) -> list
 
 
 def end_of_turn_trained(example: Example, tokenizer) -> bool:
-    """True if the tokenizer's EOS (the end-of-turn of chat templates) is among the trained labels."""
-    return tokenizer.eos_token_id in example.labels
+    """True if the tokenizer's EOS (the end-of-turn of chat templates) is among the trained labels (of both answers
+    of a pair)."""
+    return tokenizer.eos_token_id in example.labels and (not example.is_pair or tokenizer.eos_token_id in example.rejected_labels)

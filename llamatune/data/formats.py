@@ -28,12 +28,13 @@ class Turn:
 
 @dataclass(frozen=True)
 class Rendered:
-    """What a record became: chat turns (or a raw document for format text) and, for
-    classification/multiple choice, the closed set of answers an evaluator may compare against."""
+    """What a record became: chat turns (or a raw document for format text); for classification/multiple choice,
+    the closed set of answers an evaluator may compare against; for preference, the rejected conversation too."""
 
     turns: tuple[Turn, ...] = ()
     document: str | None = None
     choices: tuple[str, ...] = ()
+    rejected: tuple[Turn, ...] = ()  # format preference: the same prompt with the rejected answer (turns: the chosen)
 
 
 class Drop(Exception):
@@ -137,23 +138,7 @@ def chat(spec: SourceSpec, fields: dict, system_prompt: str | None, labels: tupl
     if messages is None:
         raise Drop("missing_field", f"no field {spec.messages!r} (the message list; fields here: "
                    f"{', '.join(map(str, fields))})", field=spec.messages)
-    if not isinstance(messages, list) or not messages:
-        raise Drop("bad_messages", f"{spec.messages!r} is {type(messages).__name__} {str(messages)[:40]!r}, not a "
-                   "non-empty list of messages")
-    roles = {**_ROLES, **spec.roles}
-    turns: list[Turn] = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise Drop("bad_message", f"message {i} is {type(message).__name__}, not an object")
-        raw_role = message.get("role", message.get("from"))
-        content = _content_text(message.get("content", message.get("value")))
-        if raw_role not in roles:
-            # An unknown role is a configuration problem, not a bad record: say how to map it.
-            raise RecordProblem(f"chat role {raw_role!r} in message {i} is unknown; known roles: {', '.join(sorted(roles))}. "
-                                f"Map it in the source, e.g. roles: {{{raw_role}: user}} (or assistant, system)", key="roles")
-        if not isinstance(content, str) or not content.strip():
-            raise Drop("empty", f"message {i} has no text content")
-        turns.append(Turn(roles[raw_role], content))
+    turns = message_turns(messages, spec.roles, spec.messages)
     if turns[0].role != "system":
         turns = _opening(spec, fields, system_prompt) + turns
     if not any(t.role == "assistant" for t in turns):
@@ -161,6 +146,34 @@ def chat(spec: SourceSpec, fields: dict, system_prompt: str | None, labels: tupl
     while turns[-1].role != "assistant":
         turns.pop()  # trailing user turns have no answer to learn
     return Rendered(turns=tuple(turns))
+
+
+def message_turns(messages, roles: dict[str, str], where: str) -> list[Turn]:
+    """A list of OpenAI (role/content) or ShareGPT (from/value) messages as turns, roles mapped by `roles`.
+
+    Raises:
+        Drop: For something that is not a non-empty list of messages with text.
+        RecordProblem: For a role nobody mapped (a configuration problem, named with the key to change).
+    """
+    if not isinstance(messages, list) or not messages:
+        raise Drop("bad_messages", f"{where!r} is {type(messages).__name__} {str(messages)[:40]!r}, not a "
+                   "non-empty list of messages")
+    known = {**_ROLES, **roles}
+    turns: list[Turn] = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise Drop("bad_message", f"message {i} of {where!r} is {type(message).__name__}, not an object")
+        raw_role = message.get("role", message.get("from"))
+        content = _content_text(message.get("content", message.get("value")))
+        if raw_role not in known:
+            # An unknown role is a configuration problem, not a bad record: say how to map it.
+            raise RecordProblem(f"chat role {raw_role!r} in message {i} of {where!r} is unknown; known roles: "
+                                f"{', '.join(sorted(known))}. Map it in the source, e.g. roles: {{{raw_role}: user}} "
+                                "(or assistant, system)", key="roles")
+        if not isinstance(content, str) or not content.strip():
+            raise Drop("empty", f"message {i} of {where!r} has no text content")
+        turns.append(Turn(known[raw_role], content))
+    return turns
 
 
 def _content_text(content):
@@ -185,4 +198,7 @@ FORMATS = {
     "multiple_choice": multiple_choice,
     "chat": chat,
     "text": text,
+    "preference": lambda spec, fields, system_prompt, labels: preference(spec, fields, system_prompt),
 }
+
+from llamatune.data.pairs import preference  # noqa: E402  (pairs.py builds on the helpers above)

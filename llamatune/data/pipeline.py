@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from llamatune.data import cache
 from llamatune.data.batches import Row, pack, unpacked
 from llamatune.data.drops import bounded, check_drops, count_drop, fields_nobody_has, longest_token_chars, nothing_left
-from llamatune.data.encode import (Example, encode_document, encode_turns, end_of_turn_trained, set_chat_template,
-                                   system_decision)
+from llamatune.data.encode import (IGNORE_INDEX, Example, encode_document, encode_pair, encode_turns, end_of_turn_trained,
+                                   set_chat_template, system_decision)
 from llamatune.data.formats import FORMATS, Drop, RecordProblem, Rendered, fill
 from llamatune.data.leakage import normalized_key, overlap
 from llamatune.data.readers import read_source, source_files
@@ -205,7 +205,9 @@ def _render_source(index: int, source: SourceSpec, spec: DataSpec, split: str, m
                 counts = manifest.setdefault("length", {}).setdefault(split, {})
                 counts["too_long"] = counts.get("too_long", 0) + 1
             continue
-        text = rendered.document if rendered.document is not None else "\n".join(t.content for t in rendered.turns)
+        # A pair's rejected answer is part of what makes it this pair (dedup), and of what a held-out set may leak.
+        text = rendered.document if rendered.document is not None else "\n".join(
+            [t.content for t in rendered.turns] + [t.content for t in rendered.rejected[len(rendered.turns) - 1:]])
         items.append(_Item(rendered=rendered, origin=record.origin, text=text, document=record.document, source=index))
     typos = fields_nobody_has(missing, len(records), records, source, key)
     entry["template_typo"] = bool(typos)  # its drops follow from the typo: check_drops need not repeat them
@@ -308,23 +310,31 @@ def _encode_items(items: list[_Item], tokenizer, spec: DataSpec, manifest: dict,
         if item.rendered.document is not None:
             encoded.append((item, encode_document(tokenizer, item.rendered.document, spec.max_length, spec.text_overlap)))
             continue
-        example = encode_turns(tokenizer, item.rendered.turns)
+        if item.rendered.rejected:
+            example = encode_pair(tokenizer, item.rendered.turns, item.rendered.rejected)
+        else:
+            example = encode_turns(tokenizer, item.rendered.turns)
         chat_examples += 1
         if item.rendered.choices:
-            example = Example(example.input_ids, example.labels, item.rendered.choices)
-        if len(example.input_ids) > spec.max_length:
+            example = replace(example, choices=item.rendered.choices)
+        # A pair is two sequences, prompt + chosen and prompt + rejected: each must fit max_length.
+        size = max(len(example.input_ids), example.branch + len(example.rejected_ids))
+        if size > spec.max_length:
             if spec.length_policy == "error":
-                raise RecipeError([f"{item.origin}: {len(example.input_ids)} tokens, over data.max_length={spec.max_length} "
+                raise RecipeError([f"{item.origin}: {size} tokens, over data.max_length={spec.max_length} "
                                    "(data.length_policy: error); raise max_length or choose drop/truncate"])
             if spec.length_policy == "drop":
-                drop(item, "too_long", f"{len(example.input_ids)} tokens, over data.max_length={spec.max_length}")
+                drop(item, "too_long", f"{size} tokens, over data.max_length={spec.max_length}")
                 continue
-            example = Example(example.input_ids[: spec.max_length], example.labels[: spec.max_length], example.choices)
-            if example.n_label_tokens == 0:  # the prompt alone fills max_length: nothing left to learn
+            keep = max(spec.max_length - example.branch, 0)
+            example = replace(example, input_ids=example.input_ids[: spec.max_length], labels=example.labels[: spec.max_length],
+                              rejected_ids=example.rejected_ids[:keep], rejected_labels=example.rejected_labels[:keep])
+            if example.n_label_tokens == 0 or (example.branch and not any(t != IGNORE_INDEX for t in example.rejected_labels)):
+                # the prompt alone fills max_length: nothing left to learn (or, of a pair, to compare)
                 drop(item, "too_long", f"the prompt alone fills data.max_length={spec.max_length} tokens")
                 continue
             dropped["truncated"] += 1  # kept, but counted: its answer may have lost its end
-        if example.n_label_tokens == 0:
+        if example.n_label_tokens == 0 or (example.branch and not any(t != IGNORE_INDEX for t in example.rejected_labels)):
             drop(item, "no_trained_tokens", "no token left to train on after masking the prompt")
             continue
         if not end_of_turn_trained(example, tokenizer):
@@ -345,14 +355,14 @@ def _encode_items(items: list[_Item], tokenizer, spec: DataSpec, manifest: dict,
 
 
 def _totals(train: list[Example], held_out: list[Example], rows: list[Row], max_length: int) -> dict:
-    tokens = sum(len(e.input_ids) for e in train)
+    tokens = sum(e.length for e in train)
     return {
         "train_examples": len(train),
         "eval_examples": len(held_out),
         "train_tokens": tokens,
         "train_label_tokens": sum(e.n_label_tokens for e in train),
         "train_rows": len(rows),
-        "longest_row": max((sum(len(e.input_ids) for e in row) for row in rows), default=0),  # tokens: sizes the peak batch
+        "longest_row": max((sum(e.length for e in row) for row in rows), default=0),  # tokens: sizes the peak batch
         # share of the padded batch area that holds real tokens when rows are padded to max_length
         "packing_efficiency": round(tokens / (len(rows) * max_length), 4) if rows else 0.0,
     }
