@@ -66,6 +66,10 @@ def check_files(recipe: Recipe, source: str | None, need_train: bool = True) -> 
     except RecipeError as exc:
         problems += exc.problems
     problems += _output_problems(recipe)
+    if need_train:
+        from llamatune.train.start import start_problems
+
+        problems += start_problems(recipe)
     if problems:
         raise RecipeError(place(recipe, problems), source=source)
     return kind

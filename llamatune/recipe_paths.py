@@ -27,6 +27,8 @@ def resolve_paths(raw: dict, recipe_dir: Path, from_cli: set[tuple], problems: l
         # Only a value that names a local file/folder is rebased; aliases and hub ids stay as written.
         if value.startswith((".", "/", "~", "$")) or value.endswith(".gguf") or (base / value).exists():
             model["path"] = _resolve_one("model.path", value, base, problems, secrets)
+    if isinstance(model, dict) and isinstance(model.get("adapter"), str):
+        model["adapter"] = _resolve_one("model.adapter", model["adapter"], base_for(("model", "adapter")), problems, secrets)
     output = raw.get("output")
     if isinstance(output, dict) and isinstance(output.get("dir"), str) and "$" in output["dir"]:
         # Relative to the current directory (as documented), so only variables are expanded here.

@@ -18,7 +18,6 @@ from llamatune import lock, preflight
 from llamatune import model as models
 from llamatune.artifacts.serving import vllm_lora_check
 from llamatune.data.batches import collate, epoch_order, eval_order
-from llamatune.data.encode import IGNORE_INDEX
 from llamatune.data.pipeline import fingerprint
 from llamatune.errors import LlamatuneError, RecipeError
 from llamatune.memory import active_allocator, peak_rss_gib
@@ -93,7 +92,8 @@ def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, 
 
     from llamatune.train.dropout import use_fast_dropout  # these three import torch: after the lock, like it
     from llamatune.train.fused import use_lean_blocks, use_lean_lora
-    from llamatune.train.loss import summed_loss
+    from llamatune.train.objective import objective_for, reference_logps
+    from llamatune.train.start import load_start
 
     cfg = recipe.train
     # Under torchrun/mpirun without a GPU, accelerate only sets up (gloo) distribution when told cpu=True.
@@ -139,6 +139,7 @@ def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, 
         base = models.load_base(ref, recipe.model, recipe.quantization, device_map={"": str(acc.device)}, sharded=sharded,
                                 precision=precision)
     model = models.apply_lora(base, recipe.lora, quantized, cfg.gradient_checkpointing)
+    load_start(model, recipe)  # model.adapter: this run continues another run's adapter
     if acc.device.type == "cpu":  # CUDA's fused dropout is cheap; the CPU Bernoulli sampler is not
         use_fast_dropout(model)
     use_lean_blocks(model)  # RMSNorm / SwiGLU that keep fewer tensors for backward
@@ -153,7 +154,7 @@ def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, 
     world, rank = acc.num_processes, acc.process_index
     totals = data.manifest["totals"]
     # Unpacked rows are batched with rows of similar length, so padding stays small (packed ones are full).
-    lengths = None if recipe.data.packing else [sum(len(e.input_ids) for e in row) for row in data.train]
+    lengths = None if recipe.data.packing else [sum(e.length for e in row) for row in data.train]
     micro_per_epoch = len(epoch_order(len(data.train), cfg.micro_batch_size, cfg.seed, 0, world)) // world
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
     total_steps = cfg.planned_steps(steps_per_epoch)
@@ -187,6 +188,14 @@ def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, 
         start, tokens_seen, skipped, eval_before = state["step"], state["tokens"], state["skipped_steps"], state["eval_loss_before"]
         best, waited, loss = state["best_eval_loss"], state["evals_without_improvement"], state["loss"]
         say(f"resuming {run_dir} from {ckpt.name} (step {start} of {total_steps})")
+    objective = objective_for(recipe)
+    if getattr(objective, "needs_reference", False):
+        rows = len(data.train) + len(data.eval)
+        with Phase(console, "reference log-probs of every pair (once, before the first step)", rows, "rows",
+                   acc.is_main_process) as phase:
+            objective.reference = reference_logps(
+                model, data, collate, tokenizer.pad_token_id, acc, autocast, cfg.micro_batch_size, run_dir,
+                disable_adapter=recipe.model.adapter is not None and recipe.preference.reference == "base", phase=phase)
     metrics = MetricsLog(run_dir / "metrics.jsonl" if acc.is_main_process else None,
                          run_dir / "tensorboard" if cfg.tensorboard else None, tracker)
 
@@ -194,16 +203,21 @@ def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, 
     progress = TrainProgress(total_steps, console, cfg.log_every, acc.is_main_process,
                              cfg.eval_every if evaluate_held_out else 0, evaluate_held_out)
 
+    held_stats: dict[int, dict] = {}
+
     def evaluate(step: int) -> float:
         t0 = time.perf_counter()
         progress.hold(True)  # the pass prints its own lines
         batches = eval_order(data.eval, cfg.micro_batch_size)[acc.process_index :: acc.num_processes]
         with Phase(console, f"held-out pass at step {step}", len(batches), "batches", acc.is_main_process) as phase:
-            loss = _held_out_loss(model, data.eval, batches, tokenizer.pad_token_id, acc, autocast, phase.advance)
+            loss, stats = _held_out_loss(model, objective, data.eval, batches, tokenizer.pad_token_id, acc, autocast,
+                                         phase.advance)
         progress.hold(False)
         progress.held_out_pass(time.perf_counter() - t0)
-        metrics.write(step=step, eval_loss=loss, eval_s=round(time.perf_counter() - t0, 2))
-        say(f"held-out loss at step {step}: {loss:.4f}")
+        held_stats[step] = stats
+        metrics.write(step=step, eval_loss=loss, **{f"eval_{k}": v for k, v in stats.items()},
+                      eval_s=round(time.perf_counter() - t0, 2))
+        say(f"held-out loss at step {step}: {loss:.4f}" + "".join(f", {k.replace('_', ' ')} {v:.4f}" for k, v in stats.items()))
         return loss
 
     def save(step: int) -> Path:
@@ -238,27 +252,32 @@ def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, 
                 orders = {epoch: epoch_order(len(data.train), cfg.micro_batch_size, cfg.seed, epoch, world, lengths)[rank::world]}
             t0 = time.perf_counter()
             groups = [[data.train[i] for i in idx] for idx in orders[epoch][k * cfg.grad_accum : (k + 1) * cfg.grad_accum]]
+            indices = orders[epoch][k * cfg.grad_accum : (k + 1) * cfg.grad_accum]
             batches = [collate(rows, tokenizer.pad_token_id) for rows in groups]
-            # Token-weighted loss: divide the summed per-token loss by the label tokens of the
-            # WHOLE optimizer step on ALL processes, so accumulation and DDP equal one big batch.
-            # DDP averages gradients over processes, hence the factor `world`.
-            n_local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-            n_step = int(acc.reduce(torch.tensor(n_local, device=acc.device), "sum"))
+            # Each term of the objective is averaged over its counts (label tokens, pairs) of the WHOLE optimizer
+            # step on ALL processes, so accumulation and DDP equal one big batch. DDP averages gradients over
+            # processes, hence the factor `world`.
+            n_step = acc.reduce(sum(objective.counts(b) for b in batches).to(acc.device), "sum").clamp(min=1)
             model.train()
-            loss_sum = 0.0
-            for i, batch in enumerate(batches):
+            sums, stats = torch.zeros_like(n_step), torch.zeros(len(objective.stat_names), device=acc.device)
+            for i, (batch, idx) in enumerate(zip(batches, indices)):
                 batch = {key: v.to(acc.device) for key, v in batch.items()}
+                if objective.reference is not None:
+                    batch = objective.attach(batch, "train", idx)
                 sync = nullcontext() if i == len(batches) - 1 else acc.no_sync(model)
                 with sync:
                     with autocast():
-                        summed, _ = summed_loss(model, batch)
+                        terms = objective.terms(model, batch)
+                    part = terms.sums.float()
                     if nan_at == f"nan-loss:{step + 1}":
-                        summed = summed * float("nan")  # test hook: a numerically broken step
-                    acc.backward(summed * world / max(n_step, 1))
-                loss_sum += summed.item()
+                        part = part * float("nan")  # test hook: a numerically broken step
+                    acc.backward((part / n_step).sum() * world)
+                sums += part.detach()
+                stats += torch.tensor([terms.stats[name] for name in objective.stat_names], device=acc.device)
                 checkpoint.fault(f"micro:{step + 1}:{i}")
             grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-            loss = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), "sum")) / max(n_step, 1)
+            loss = float((acc.reduce(sums, "sum") / n_step).sum())
+            shown = dict(zip(objective.stat_names, (acc.reduce(stats, "sum") / n_step[-1]).tolist()))
             lr = scheduler.get_last_lr()[0]
             if math.isfinite(loss) and math.isfinite(float(grad_norm)):
                 optimizer.step()
@@ -270,12 +289,12 @@ def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, 
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
 
-            real = sum(len(e.input_ids) for rows in groups for row in rows for e in row)
+            real = sum(e.length for rows in groups for row in rows for e in row)
             n_tokens = int(acc.reduce(torch.tensor(real, device=acc.device), "sum"))
             tokens_seen += n_tokens
             progress.update(done, loss, lr, n_tokens, time.perf_counter() - t0)
             if done % cfg.log_every == 0 or done == total_steps:
-                metrics.write(step=done, epoch=epoch, loss=loss, lr=lr, tokens=tokens_seen, **progress.rates(),
+                metrics.write(step=done, epoch=epoch, loss=loss, **shown, lr=lr, tokens=tokens_seen, **progress.rates(),
                               elapsed_s=round(time.perf_counter() - started, 2))
             checkpoint.fault(f"step:{done}")
             if bad >= cfg.max_bad_steps:
@@ -325,6 +344,7 @@ def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, 
         "final_train_loss": loss,
         "eval_loss_before": eval_before,
         "eval_loss_after": eval_after,
+        "method": cfg.method,
         "trainable_params": trainable,
         "total_params": total,
         "processes": world,
@@ -336,6 +356,8 @@ def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, 
         "data": totals,
         "data_fingerprint": data_fingerprint,
     }
+    if held_stats and objective.stat_names:  # preference runs: reward accuracy and margins of the held-out pairs, before and after
+        summary["eval_stats_before"], summary["eval_stats_after"] = held_stats.get(0), held_stats.get(last)
     if not ran:
         reason = f"no step ran in this session: resumed at step {start} of {total_steps}"
         summary["null_reasons"] = {"tokens_per_s": reason, "tokens_per_s_recent": reason}
@@ -362,22 +384,28 @@ def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, 
     return TrainResult(summary=summary, model=acc.unwrap_model(model))
 
 
-def _held_out_loss(model, rows, batches: list, pad_id: int, acc, autocast, tick) -> float:
-    """Token-weighted mean loss over the held-out examples (this process's `batches` of row indices), summed across
-    processes; `tick()` after each batch."""
+def _held_out_loss(model, objective, rows, batches: list, pad_id: int, acc, autocast, tick) -> tuple[float, dict]:
+    """The objective's mean over the held-out examples (this process's `batches` of row indices), summed across
+    processes, with its statistics (preference runs: reward accuracy, margin, log-probs); `tick()` after each batch."""
     import torch
 
-    from llamatune.train.loss import summed_loss
-
     model.eval()
-    total, count = 0.0, 0
+    width = len(objective.counts(collate([rows[0]], pad_id))) if rows else 1
+    sums, counts = torch.zeros(width, dtype=torch.float64), torch.zeros(width, dtype=torch.float64)
+    stats = torch.zeros(len(objective.stat_names), dtype=torch.float64)
     with torch.no_grad():
         for idx in batches:
             batch = {k: v.to(acc.device) for k, v in collate([rows[i] for i in idx], pad_id).items()}
+            if objective.reference is not None:
+                batch = objective.attach(batch, "eval", idx)
             with autocast():
-                summed, n = summed_loss(model, batch)
-            total, count = total + summed.item(), count + n
+                terms = objective.terms(model, batch)
+            sums += terms.sums.detach().double().cpu()
+            counts += terms.counts.double()
+            stats += torch.tensor([terms.stats[name] for name in objective.stat_names], dtype=torch.float64)
             tick()
-    total = float(acc.reduce(torch.tensor(total, device=acc.device), "sum"))
-    count = int(acc.reduce(torch.tensor(count, device=acc.device), "sum"))
-    return total / max(count, 1)
+    # float64 does not cross every backend (MPS, some collectives): the sums travel as float32
+    sums = acc.reduce(sums.float().to(acc.device), "sum").double()
+    counts = acc.reduce(counts.float().to(acc.device), "sum").double().clamp(min=1)
+    stats = acc.reduce(stats.float().to(acc.device), "sum").double() / counts[-1]
+    return float((sums / counts).sum()), dict(zip(objective.stat_names, stats.tolist()))

@@ -45,9 +45,26 @@ def summed_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
 
     Shapes: input_ids/labels [B, T]; the prediction at t is scored against the label at t+1.
     """
+    labels = batch["labels"]
+    keep = labels[:, 1:] != IGNORE_INDEX
+    rows, cols = keep.nonzero(as_tuple=True)
+    targets = labels[:, 1:][keep]
+    return token_losses(model, batch, rows, cols, targets).sum(), targets.numel()
+
+
+def token_losses(model, batch: dict, rows: torch.Tensor, cols: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each scored token: the output at (rows[i], cols[i]) against targets[i].
+
+    Only the columns some row scores reach the vocabulary projection, so a preference batch (whose rejected
+    answers are predicted from positions that are not simply the previous column) and a plain one take the
+    same path.
+
+    Returns:
+        [N] float32, differentiable with respect to the trainable parameters.
+    """
     import torch.nn.functional as F
 
-    keep, columns, chosen, targets = label_positions(batch["labels"])
+    columns, where = torch.unique(cols, return_inverse=True)
     mask = batch["attention_mask"]
     # A [B, T] padding mask only hides right padding, which causal attention already keeps away from
     # real tokens: without it, SDPA takes its fused kernel. Packed rows keep their block-diagonal mask.
@@ -55,15 +72,15 @@ def summed_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
                   position_ids=batch["position_ids"], logits_to_keep=columns)
     found = _frozen_head(model)
     if found is None:
-        logits = model(**inputs).logits[chosen]  # [label tokens, V]
-        return F.cross_entropy(logits.float(), targets, reduction="sum"), targets.numel()
+        logits = model(**inputs).logits[rows, where]  # [scored tokens, V]
+        return F.cross_entropy(logits.float(), targets, reduction="none")
     owner, head = found
     owner.lm_head = _Passthrough()
     try:
-        hidden = model(**inputs).logits[chosen]  # [label tokens, H]
+        hidden = model(**inputs).logits[rows, where]  # [scored tokens, H]
     finally:
         owner.lm_head = head
-    return linear_cross_entropy(hidden, head.weight, targets), targets.numel()
+    return linear_cross_entropy(hidden, head.weight, targets, reduction="none")
 
 
 def _frozen_head(model):
@@ -80,43 +97,47 @@ def _frozen_head(model):
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(hidden_i @ weight.T, target_i), projected chunk by chunk; the gradient with respect to
-    hidden is computed in the same pass, so no [N, vocab] tensor outlives its chunk. weight is frozen."""
+    """CE(hidden_i @ weight.T, target_i) for each i, projected chunk by chunk; the gradient of each token's loss
+    with respect to its hidden state is computed in the same pass (it depends on that row only), so no
+    [N, vocab] tensor outlives its chunk. weight is frozen."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         chunk = max(1, CHUNK_ELEMENTS // weight.size(0))
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        losses = torch.empty(hidden.size(0), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for start in range(0, hidden.size(0), chunk):
             h, t = hidden[start : start + chunk], targets[start : start + chunk]
             logits = (h @ weight.t()).float()  # under autocast the matmul runs in bf16; softmax stays fp32
             lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            losses[start : start + chunk] = lse - logits.gather(1, t[:, None]).squeeze(1)
             if grad is not None:
                 probs = torch.exp(logits.sub_(lse[:, None]))  # d CE / d logits = softmax - onehot
                 probs[torch.arange(t.numel(), device=t.device), t] -= 1.0
                 grad[start : start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
         ctx.save_for_backward(grad)
-        return total
+        return losses
 
     @staticmethod
     def backward(ctx, upstream: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * upstream.to(grad.dtype), None, None
+        return grad * upstream.to(grad.dtype)[:, None], None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of `hidden @ weight.T` against `targets` without materializing all logits.
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         reduction: str = "sum") -> torch.Tensor:
+    """Cross-entropy of `hidden @ weight.T` against `targets` without materializing all logits.
 
     Args:
         hidden: [N, H] final hidden states of the positions that have a label.
         weight: [V, H] frozen output projection (lm_head).
         targets: [N] token ids.
+        reduction: "sum" (a scalar: the summed, not averaged, loss) or "none" ([N], each token's loss).
 
     Returns:
-        A scalar float32 tensor: the summed (not averaged) loss; differentiable with respect to hidden.
+        float32, differentiable with respect to hidden.
     """
     if weight.requires_grad:
         raise ValueError("linear_cross_entropy computes no gradient for weight; it must be frozen")
-    return _LinearCrossEntropy.apply(hidden, weight, targets)
+    losses = _LinearCrossEntropy.apply(hidden, weight, targets)
+    return losses.sum() if reduction == "sum" else losses

@@ -1,0 +1,141 @@
+"""What the training loop minimizes, by train.method: the same loop, batches and run directory for every method.
+
+An objective turns one batch into summed terms and says what each term is averaged over (label tokens, pairs).
+The loop adds the counts of the whole optimizer step on all processes before the first backward, so gradient
+accumulation and several processes give the loss of one big batch, whatever the method.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from llamatune.data.encode import IGNORE_INDEX
+from llamatune.train.loss import summed_loss
+from llamatune.train import preference as pref
+
+REFERENCE_FILE = "reference_logps.pt"
+
+
+@dataclass
+class Terms:
+    """One batch's contribution: `sums[k]` is averaged over `counts[k]` of the step (for the loss), `stats` are
+    sums averaged over `counts[-1]` (the pairs) for the log."""
+
+    sums: torch.Tensor
+    counts: torch.Tensor
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class SFT:
+    """Next-token cross-entropy on the answers, averaged over the step's label tokens."""
+
+    method = "sft"
+    stat_names: tuple[str, ...] = ()
+    reference = None
+
+    def counts(self, batch: dict) -> torch.Tensor:
+        return torch.tensor([float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())])
+
+    def attach(self, batch: dict, split: str, rows: list[int]) -> dict:
+        return batch
+
+    def terms(self, model, batch: dict) -> Terms:
+        summed, _ = summed_loss(model, batch)
+        return Terms(summed[None], self.counts(batch))
+
+
+class Preference:
+    """DPO (sigmoid / ipo / simpo) or ORPO on chosen / rejected pairs; losses averaged over the step's pairs (ORPO's
+    next-token term over its chosen tokens, as its paper and TRL do)."""
+
+    def __init__(self, method: str, spec, reference: dict | None = None):
+        self.method, self.spec = method, spec
+        self.reference = reference  # {"train": [row -> [pairs, 2]], "eval": [...]} for the DPO losses that use one
+        self.needs_reference = method == "dpo" and spec.loss != "simpo"
+        self.stat_names = ("reward_accuracy", "reward_margin", "logps_chosen", "logps_rejected") + (
+            ("log_odds_ratio", "nll") if method == "orpo" else ())
+
+    def counts(self, batch: dict) -> torch.Tensor:
+        pairs = float(batch["pairs"])
+        if self.method == "orpo":
+            chosen = float((batch["pair_index"] % 2 == 0).sum())
+            return torch.tensor([chosen, pairs])
+        return torch.tensor([pairs])
+
+    def terms(self, model, batch: dict) -> Terms:
+        logps, counts = pref.pair_logps(model, batch)
+        if self.method == "orpo":
+            odds_term, log_odds = pref.orpo_losses(logps, counts, self.spec.orpo_lambda)
+            nll = -logps[:, 0].sum()
+            sums = torch.stack([nll, odds_term.sum()])
+            margin = log_odds
+            extra = {"log_odds_ratio": float(log_odds.sum()), "nll": float((-logps[:, 0] / counts[:, 0]).sum())}
+            shown = (logps / counts).detach()  # ORPO's log-probs are per token, as TRL logs them
+        else:
+            losses, rewards = pref.dpo_losses(logps, counts, batch.get("ref_logps"), self.spec.loss, self.spec.beta,
+                                              self.spec.label_smoothing, self.spec.simpo_gamma)
+            sums = losses.sum()[None]
+            margin = rewards[:, 0] - rewards[:, 1]
+            extra = {}
+            shown = logps.detach()
+        stats = {"reward_accuracy": float((margin > 0).float().sum()), "reward_margin": float(margin.sum()),
+                 "logps_chosen": float(shown[:, 0].sum()), "logps_rejected": float(shown[:, 1].sum()), **extra}
+        return Terms(sums, self.counts(batch), stats)
+
+    def attach(self, batch: dict, split: str, rows: list[int]) -> dict:
+        """Adds the reference log-probs of these rows (in the batch's pair order: row by row) to the batch."""
+        if self.needs_reference:
+            batch["ref_logps"] = torch.cat([self.reference[split][i] for i in rows]).to(batch["input_ids"].device)
+        return batch
+
+
+def objective_for(recipe) -> SFT | Preference:
+    """The recipe's objective (its reference log-probs, when it needs them, are filled in by `reference_logps`)."""
+    if recipe.train.method == "sft":
+        return SFT()
+    return Preference(recipe.train.method, recipe.preference)
+
+
+def reference_logps(model, data, collate, pad_id: int, acc, autocast, batch_size: int, run_dir: Path,
+                    disable_adapter: bool, phase=None) -> dict:
+    """The reference model's summed log-probs of every pair of every row, train and held-out: computed once (by
+    all processes, each a share of the rows) and written to the run directory, or read back from it on resume.
+
+    Args:
+        disable_adapter: Score with the adapter disabled (the base model: preference.reference base while
+            model.adapter set a starting adapter); otherwise the model as it is before the first step.
+    """
+    from accelerate.utils import gather_object
+
+    path = run_dir / REFERENCE_FILE
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    unwrapped = acc.unwrap_model(model)
+    context = unwrapped.disable_adapter() if disable_adapter else nullcontext()
+    model.eval()
+    found: dict[str, list] = {}
+    with torch.no_grad(), context:
+        for split, rows in (("train", data.train), ("eval", data.eval)):
+            mine = list(range(acc.process_index, len(rows), acc.num_processes))
+            scored = []
+            for start in range(0, len(mine), batch_size):
+                idx = mine[start : start + batch_size]
+                batch = {k: v.to(acc.device) for k, v in collate([rows[i] for i in idx], pad_id).items()}
+                with autocast():
+                    logps, _ = pref.pair_logps(model, batch)
+                per_row = [len(rows[i]) for i in idx]
+                scored += list(zip(idx, logps.float().cpu().split(per_row)))
+                if phase is not None:
+                    phase.advance(len(idx) * acc.num_processes)
+            everything = gather_object(scored) if acc.num_processes > 1 else scored
+            table = dict(everything)
+            found[split] = [table[i] for i in range(len(rows))]
+    if acc.is_main_process:
+        torch.save(found, path)
+    return found
+
+
