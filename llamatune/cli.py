@@ -287,8 +287,9 @@ def eval_command(
     target: Path = typer.Argument(..., help="A run directory, a merged model folder, or a .gguf file.", show_default=False),
     data: Optional[List[str]] = typer.Option(None, "--data", help="A recipe file (its held-out data) or, for a run, a "
                                              "data file read like its training data. Default: the run's held-out data."),
-    compare: Optional[str] = typer.Option(None, "--compare", help="'base': also score the base model (adapter off) "
-                                          "on the same examples and report the difference."),
+    compare: Optional[str] = typer.Option(None, "--compare", help="'base': also score the base model (adapter off); "
+                                          "'start': the adapter the run started from (model.adapter); same examples, "
+                                          "paired difference."),
     generate: bool = typer.Option(True, "--generate/--no-generate", metavar="", help="Generate answers for open questions (EM, F1, ROUGE-L)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N examples."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Report folder (default: RUN/eval)."),
@@ -299,12 +300,12 @@ def eval_command(
 
     def body() -> None:
         _use_run(target)
-        if compare not in (None, "base"):
-            raise RecipeError([f"--compare: {compare!r} is not supported; use --compare base"])
+        if compare not in (None, "base", "start"):
+            raise RecipeError([f"--compare: {compare!r} is not supported; use --compare base or --compare start"])
         _quiet_libraries()
         from llamatune.evaluate.scoring import run_eval
 
-        run_eval(target, data or [], compare == "base", generate, limit, out_dir, max_new_tokens, batch_size, out)
+        run_eval(target, data or [], compare, generate, limit, out_dir, max_new_tokens, batch_size, out)
 
     _run(body)
 

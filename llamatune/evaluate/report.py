@@ -22,6 +22,10 @@ METRICS = {
     "exact_match": ("exact_match", False, True),
     "f1": ("f1", False, True),
     "rouge_l": ("rouge_l", False, True),
+    "preference_accuracy": ("preference_accuracy", False, True),  # preference pairs
+    "preference_accuracy_norm": ("preference_accuracy_norm", False, True),
+    "preference_margin": ("preference_margin", False, True),
+    "preference_margin_norm": ("preference_margin_norm", False, True),
 }
 
 
@@ -75,11 +79,11 @@ def small_samples(summary: dict) -> list[str]:
             "(too narrow and unstable); evaluate on more held-out data before trusting a difference"]
 
 
-def show(summary: dict, console: Console) -> None:
-    """The metric table: base, tuned, Δ with 95% intervals."""
+def show(summary: dict, console: Console, against: str = "base") -> None:
+    """The metric table: base (or, `against` start, the adapter the run started from), tuned, Δ with 95% intervals."""
     compare = any("base" in v for v in summary.values())
     table = Table(title="held-out evaluation (95% bootstrap intervals)")
-    for column in ["metric", "n"] + (["base"] if compare else []) + ["tuned"] + (["Δ tuned − base"] if compare else []):
+    for column in ["metric", "n"] + ([against] if compare else []) + ["tuned"] + ([f"Δ tuned − {against}"] if compare else []):
         table.add_column(column, justify="right" if column != "metric" else "left")
     for name, v in summary.items():
         cells = [name, str(v["n"])]
@@ -172,7 +176,8 @@ def markdown(summary: dict, header: dict, samples: list[dict]) -> str:
         lines += [f"Note: {note}.", ""]
     for warning in header.get("warnings", []):
         lines += [f"Warning: {warning}.", ""]
-    lines += ["| metric | n | base | tuned | Δ tuned − base |", "|---|---|---|---|---|"]
+    against = header.get("compare") or "base"  # the comparison pass is stored as "base" whichever model it is
+    lines += [f"| metric | n | {against} | tuned | Δ tuned − {against} |", "|---|---|---|---|---|"]
     for name, v in summary.items():
         change = _fmt(v.get("delta"), signed=True) if "ratio" not in v else "×" + _fmt(v["ratio"])
         lines.append(f"| {name} | {v['n']} | {_fmt(v.get('base'))} | {_fmt(v['tuned'])} | {change} |")

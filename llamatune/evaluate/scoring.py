@@ -161,24 +161,30 @@ def eval_examples(target: Target, data: list[str], limit: int | None,
     return examples[:limit] if limit else examples, manifests
 
 
-def score(target: Target, examples: list[Example], adapter: bool, generate: bool, max_new_tokens: int,
+def score(target: Target, examples: list[Example], adapter: bool | str, generate: bool, max_new_tokens: int,
           batch_size: int = 8, progress: Callable[[int], None] = lambda n: None) -> list[dict]:
-    """Per-example scores with the adapter on (tuned) or off (base)."""
+    """Per-example scores with the adapter on (tuned), off (base), or another loaded adapter by name ("start")."""
     import torch
 
     model, tok = target.model, target.tokenizer
-    switch = nullcontext() if adapter or not target.has_adapter else model.disable_adapter()
+    if isinstance(adapter, str):
+        switch = _using(model, adapter)
+    else:
+        switch = nullcontext() if adapter or not target.has_adapter else model.disable_adapter()
     out: list[dict] = []
     with torch.no_grad(), switch:
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
             choices = [_choice_scores(model, tok, e) if e.choices else None for e in chunk]
+            pairs = _pair_scores(model, tok, [e for e in chunk if e.is_pair])
             # The gold choice's score is the answer loss when it was tokenized as in training: skip a second forward.
-            rest = [i for i, c in enumerate(choices) if c is None or "loss_sum" not in c]
+            rest = [i for i, c in enumerate(choices) if (c is None or "loss_sum" not in c) and not chunk[i].is_pair]
             losses = dict(zip(rest, _row_losses(model, collate(unpacked([chunk[i] for i in rest]), tok.pad_token_id)))) if rest else {}
             texts = _generate(model, tok, chunk, max_new_tokens) if generate else [None] * len(chunk)
             for i, (example, text) in enumerate(zip(chunk, texts)):
                 record: dict = {"loss_sum": losses[i][0], "tokens": losses[i][1]} if i in losses else {}
+                if example.is_pair:
+                    record.update(pairs.pop(0))
                 if example.choices:
                     record.update(choices[i])
                 elif text is not None:
@@ -189,6 +195,37 @@ def score(target: Target, examples: list[Example], adapter: bool, generate: bool
             fault("eval:batch")  # a test makes this slow to see the progress lines keep coming
             progress(len(chunk))
     return out
+
+
+class _using:
+    """Scores with the named adapter active, then makes the run's own ("default") active again."""
+
+    def __init__(self, model, name: str):
+        self.model, self.name = model, name
+
+    def __enter__(self):
+        self.model.set_adapter(self.name)
+
+    def __exit__(self, *exc):
+        self.model.set_adapter("default")
+        return False
+
+
+def load_start(target: Target, path: Path) -> None:
+    """Loads the adapter the run started from (its recipe's model.adapter) beside its own, as "start".
+
+    Raises:
+        RecipeError: If the run did not start from an adapter.
+    """
+    start = target.recipe.model.adapter if target.recipe is not None else None
+    if start is None:
+        raise RecipeError([f"--compare start needs a run that started from another run's adapter (model.adapter); "
+                           f"{path} did not: use --compare base"])
+    from llamatune.artifacts.files import FIX_RUN, opened
+
+    folder = Path(start) / "adapter"
+    opened(partial(target.model.load_adapter, str(folder), adapter_name="start"), folder, "adapter", FIX_RUN)
+    target.model.eval()
 
 
 def prompt_ids(example: Example) -> list[int]:
@@ -222,6 +259,23 @@ def _row_losses(model, batch: dict) -> list[tuple[float, int]]:
     sums = torch.zeros(len(labels), dtype=per_token.dtype).index_add_(0, rows, per_token)
     counts = keep.sum(1)
     return [(float(sums[r]), int(counts[r])) for r in range(len(labels))]
+
+
+def _pair_scores(model, tok, pairs: list[Example]) -> list[dict]:
+    """Preference pairs: the summed log-prob of the chosen and of the rejected answer given the prompt (one forward,
+    the prompt encoded once), whether the model prefers the chosen one, in total and per token, and by how much.
+    The chosen answer's loss is its answer loss, as for an instruction example."""
+    if not pairs:
+        return []
+    from llamatune.train.preference import pair_logps
+
+    logps, counts = pair_logps(model, collate(unpacked(pairs), tok.pad_token_id))
+    out = []
+    for (c, r), (nc, nr) in zip(logps.tolist(), counts.tolist()):
+        out.append({"loss_sum": -c, "tokens": int(nc), "logp_chosen": c, "logp_rejected": r,
+                    "preference_accuracy": float(c > r), "preference_accuracy_norm": float(c / nc > r / nr),
+                    "preference_margin": c - r, "preference_margin_norm": c / nc - r / nr})
+    return out
 
 
 def _choice_scores(model, tok, example: Example) -> dict:
@@ -291,9 +345,10 @@ def _generate(model, tok, examples: list[Example], max_new_tokens: int) -> list[
     return texts
 
 
-def run_eval(path: Path, data: list[str], compare_base: bool, generate: bool, limit: int | None, out_dir: Path | None,
+def run_eval(path: Path, data: list[str], compare: str | None, generate: bool, limit: int | None, out_dir: Path | None,
              max_new_tokens: int, batch_size: int, console) -> dict:
-    """The whole `llamatune eval`: load, read data, score tuned (and base), report. Returns the summary."""
+    """The whole `llamatune eval`: load, read data, score tuned (and base, or the adapter the run started from),
+    report. Returns the summary."""
     from llamatune.artifacts.files import check_output, target_kind
     from llamatune.evaluate import classes
     from llamatune.evaluate import report as evalreport
@@ -304,8 +359,10 @@ def run_eval(path: Path, data: list[str], compare_base: bool, generate: bool, li
     check_output(out_dir, "--out", existing_folder_ok=True)  # now, not after the scoring
     with Phase(console, f"eval: loading {path.name}"):
         target = load_target(path, say=console.print)
-    if compare_base and not target.has_adapter:
-        raise RecipeError([f"--compare base needs a run directory (an adapter to switch off); {path} is a plain model"])
+    if compare and not target.has_adapter:
+        raise RecipeError([f"--compare {compare} needs a run directory (an adapter to switch off); {path} is a plain model"])
+    if compare == "start":
+        load_start(target, path)
     examples, manifests = eval_examples(target, data, limit, say=console.print)
     if not examples:
         raise RecipeError(["no held-out examples to evaluate"])
@@ -313,16 +370,18 @@ def run_eval(path: Path, data: list[str], compare_base: bool, generate: bool, li
     if leaked:
         console.print(f"[yellow]warning:[/] {leaked} of {len(examples)} evaluation examples also occur in this run's "
                       "training data; their scores say little about generalisation")
-    passes = [("tuned", True)] + ([("base", False)] if compare_base else [])
+    # The comparison pass is stored as "base" whichever model it scores (eval.json's compare says which).
+    passes = [("tuned", True)] + ([("base", "start" if compare == "start" else False)] if compare else [])
     scores = {}
     for name, adapter in passes:
-        with Phase(console, f"eval {name}", total=len(examples), unit="examples") as phase:
+        shown = "start" if adapter == "start" else name
+        with Phase(console, f"eval {shown}", total=len(examples), unit="examples") as phase:
             scores[name] = score(target, examples, adapter, generate, max_new_tokens, batch_size, progress=phase.advance)
     answers = classes.breakdown([e.choices for e in examples], scores["tuned"], scores.get("base"))
     summary = evalreport.with_macro_f1(evalreport.summarize(scores["tuned"], scores.get("base")), answers)
     notes, rules = _notes(examples, generate), scoring_rules(scores["tuned"], generate)
     warnings = evalreport.small_samples(summary) + classes.collapse_warnings(answers)
-    evalreport.show(summary, console)
+    evalreport.show(summary, console, against=compare or "base")
     evalreport.show_answers(answers, console)
     for line in [f"scoring: {rule}" for rule in rules] + notes:
         console.print(line, highlight=False, markup=False)
@@ -330,7 +389,8 @@ def run_eval(path: Path, data: list[str], compare_base: bool, generate: bool, li
         console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     samples = _samples(target.tokenizer, examples, scores)
     fingerprints = {name: _fingerprint(m) for name, m in manifests.items()}
-    header = {"target": str(path), "examples": len(examples), "compare_base": compare_base, "generate": generate,
+    header = {"target": str(path), "examples": len(examples), "compare_base": compare == "base", "compare": compare,
+              "generate": generate,
               "max_new_tokens": max_new_tokens, "data_fingerprints": fingerprints, "overlap_with_training": leaked,
               "scoring": rules, "notes": notes, "warnings": warnings, "answers": answers}
     evalreport.write(out_dir, summary, header, samples)
@@ -359,6 +419,11 @@ def scoring_rules(tuned: list[dict], generate: bool) -> list[str]:
                      f"({', '.join(map(repr, suffixes))}), exactly as the answer was trained; the highest total is the "
                      "prediction. accuracy_norm divides each total by its token count first (long choices are not "
                      "penalised). macro_f1: the mean per-answer F1 of those predictions")
+    if any("preference_accuracy" in r for r in tuned):
+        rules.append("preference_accuracy (preference pairs): the share of pairs whose chosen answer has the higher summed "
+                     "log-probability given the prompt (end-of-turn tokens included, as trained); _norm compares per-token "
+                     "means (a long chosen answer is not penalised for its length); preference_margin: the mean log-prob "
+                     "difference chosen - rejected (nats; _norm per token). loss and perplexity: of the chosen answers")
     if generate and any("prediction" in r for r in tuned):
         rules.append("exact_match, f1, rouge_l: greedy generation from the prompt, compared with the trained answer without "
                      "its end-of-turn tokens; exact match and F1 after SQuAD normalisation (lowercase, no punctuation or "
@@ -371,10 +436,15 @@ def _samples(tokenizer, examples: list[Example], scores: dict[str, list[dict]]) 
     samples = []
     for i, example in enumerate(examples):
         sample = {"prompt": tokenizer.decode(prompt_ids(example)), "reference": reference_text(tokenizer, example)}
+        if example.is_pair:  # the generated answer (with --generate) next to both
+            sample["chosen"] = sample["reference"]
+            sample["rejected"] = tokenizer.decode([t for t in example.rejected_labels if t != IGNORE_INDEX],
+                                                  skip_special_tokens=True).strip()
         for name in scores:
             s = scores[name][i]
             sample[name] = {"loss": s["loss_sum"] / max(s["tokens"], 1), "output": s.get("prediction", s.get("predicted")),
-                            **{k: s[k] for k in ("accuracy", "exact_match", "f1", "rouge_l") if k in s}}
+                            **{k: s[k] for k in ("accuracy", "exact_match", "f1", "rouge_l", "logp_chosen", "logp_rejected",
+                                                 "preference_accuracy") if k in s}}
         samples.append(sample)
     return samples
 
