@@ -319,6 +319,9 @@ class PreferenceSpec(_Spec):
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo sigmoid: the share of pairs assumed mislabelled "
                                    "(conservative DPO): the loss also rewards the flipped preference by this share.")
     simpo_gamma: float = Field(0.5, ge=0, description="dpo simpo: target margin between the per-token log-probs.")
+    sft_weight: float = Field(0.0, ge=0, le=100, description="dpo: weight of the chosen answers' next-token loss "
+                              "(per token) added to the DPO loss, as RPO does (TRL: loss_type [sigmoid, sft]): keeps the "
+                              "chosen answers likely while the margin grows; 0 = plain DPO.")
     orpo_lambda: float = Field(0.1, gt=0, le=100, description="orpo: weight of the odds-ratio term next to the chosen "
                                "answer's next-token loss (TRL's ORPO beta, default 0.1).")
     reference: Literal["base", "adapter_start"] = Field(
@@ -371,10 +374,11 @@ class Recipe(_Spec):
                            "source needs format: preference (prompt, chosen, rejected)")
         pref, default = self.preference, PreferenceSpec()
         changed = {k for k in type(pref).model_fields if getattr(pref, k) != getattr(default, k)}
-        if method == "orpo" and ({"loss", "beta", "label_smoothing", "simpo_gamma", "reference"} & changed):
-            keys = sorted({"loss", "beta", "label_smoothing", "simpo_gamma", "reference"} & changed)
+        dpo_only = {"loss", "beta", "label_smoothing", "simpo_gamma", "reference", "sft_weight"}
+        if method == "orpo" and (dpo_only & changed):
+            keys = sorted(dpo_only & changed)
             raise conflict(tuple(f"preference.{k}" for k in keys), "orpo has no reference model and no DPO loss variant; "
-                           "its only setting is preference.orpo_lambda (or use train.method: dpo)")
+                           "its only setting is preference.orpo_lambda (its next-token term is always on; or use train.method: dpo)")
         if method == "dpo" and "orpo_lambda" in changed:
             raise conflict(("preference.orpo_lambda", "train.method"), "orpo_lambda is read by train.method: orpo only")
         if pref.label_smoothing and pref.loss != "sigmoid":

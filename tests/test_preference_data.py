@@ -115,6 +115,9 @@ def test_recipe_method_and_data_must_agree(tmp_path):
         Recipe(data={"train": [{"path": "a.jsonl"}]}, train={"method": "dpo"})
     with pytest.raises(Exception, match="orpo_lambda"):
         Recipe(data={"train": [pref]}, train={"method": "orpo"}, preference={"beta": 0.5})
+    with pytest.raises(Exception, match="next-token term is always on"):
+        Recipe(data={"train": [pref]}, train={"method": "orpo"}, preference={"sft_weight": 1.0})
+    assert Recipe(data={"train": [pref]}, train={"method": "dpo"}, preference={"sft_weight": 1.0}).preference.sft_weight == 1
     with pytest.raises(Exception, match="sigmoid"):
         Recipe(data={"train": [pref]}, train={"method": "dpo"}, preference={"loss": "ipo", "label_smoothing": 0.1})
     with pytest.raises(Exception, match="model.adapter"):

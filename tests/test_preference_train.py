@@ -74,18 +74,21 @@ def assert_grads_equal(ours: dict, theirs: dict):
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
-def test_dpo_loss_and_adapter_gradients_equal_trls_dpo_trainer(loss, start_model, tokenizer, tmp_path):
+@pytest.mark.parametrize("loss, sft_weight", [("sigmoid", 0.0), ("ipo", 0.0), ("sigmoid", 0.7)])
+def test_dpo_loss_and_adapter_gradients_equal_trls_dpo_trainer(loss, sft_weight, start_model, tokenizer, tmp_path):
     """TRL's own DPOTrainer.compute_loss on TRL's collator, against our tree batch, one forward per pair.
 
     TRL given a peft model that already has an adapter keeps a frozen copy of it as the reference ("ref"): the
-    same reference as ours with reference: adapter_start, the log-probs of the model before it moved."""
+    same reference as ours with reference: adapter_start, the log-probs of the model before it moved.
+    preference.sft_weight w is TRL's loss_type [sigmoid, sft] with loss_weights [1, w] (RPO): the chosen answers'
+    next-token loss averaged over their tokens."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     pairs = encoded_pairs(tokenizer)
     ours, theirs = copy.deepcopy(start_model), copy.deepcopy(start_model)
-    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, loss_type=[loss], report_to=[], use_cpu=True,
+    mix = dict(loss_type=[loss, "sft"], loss_weights=[1.0, sft_weight]) if sft_weight else dict(loss_type=[loss])
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, **mix, report_to=[], use_cpu=True,
                      per_device_train_batch_size=len(pairs), bf16=False, max_length=None)
     trainer = DPOTrainer(model=theirs, args=args, processing_class=tokenizer,
                          train_dataset=Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}]))
@@ -99,8 +102,9 @@ def test_dpo_loss_and_adapter_gradients_equal_trls_dpo_trainer(loss, start_model
     want = trainer.compute_loss(trainer.model, inputs)
     want.backward()
     batch["ref_logps"] = reference
-    terms = Preference("dpo", PreferenceSpec(loss=loss, beta=0.1)).terms(ours, batch)
-    got = terms.sums[0] / len(pairs)
+    terms = Preference("dpo", PreferenceSpec(loss=loss, beta=0.1, sft_weight=sft_weight)).terms(ours, batch)
+    assert terms.counts[-1] == len(pairs)
+    got = (terms.sums / terms.counts).sum()  # each term over its own count (chosen tokens, pairs), as the loop does
     got.backward()
     assert float(got) == pytest.approx(float(want), rel=1e-5, abs=1e-5)
     assert float(want) != pytest.approx(0.6931, abs=1e-3) or loss != "sigmoid"  # the policy really moved

@@ -53,7 +53,7 @@ def run_bench(recipe_path: Path, overrides: list[str], steps: int, console: Cons
         wall = time.perf_counter() - t0
         lines = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
         with Phase(console, "bench: timing held-out batches (for the projection)"):
-            eval_s = _time_held_out(recipe, result, _held_out_loss, torch)  # reads the run's tokenizer
+            eval_s, reference_s = _time_held_out(recipe, result, _held_out_loss, torch)  # reads the run's tokenizer
     steps_logged = [m for m in lines if "tokens_per_s" in m]
     elapsed = [m["elapsed_s"] for m in steps_logged]
     durations = [b - a for a, b in zip([0.0] + elapsed, elapsed)]
@@ -71,14 +71,15 @@ def run_bench(recipe_path: Path, overrides: list[str], steps: int, console: Cons
     train_s = full_steps * mean_step_tokens / tokens_per_s
     # before (unless eval_before: false), every eval_every steps short of the last, and after the last
     evals = int(cfg.eval_before) + 1 + ((full_steps - 1) // cfg.eval_every if cfg.eval_every else 0)
-    projected = train_s + evals * eval_s
+    projected = train_s + evals * eval_s + reference_s
     peak = peak_rss_gib() if not torch.cuda.is_available() else torch.cuda.max_memory_allocated() / 2**30
     estimate = _plan_gib(recipe, totals, runtime)
     report = {"steps": steps, "tokens_per_s": round(tokens_per_s, 1), "step_s": round(step_s, 3),
               "peak_memory_gib": round(peak, 2), "memory": "GPU allocated" if torch.cuda.is_available() else "process RSS",
               "allocator": active_allocator(),
               "plan_estimate_gib": round(estimate, 2) if estimate else None, "full_steps": full_steps,
-              "projected_train_s": round(train_s), "projected_eval_s": round(evals * eval_s), "projected_total_s": round(projected),
+              "projected_train_s": round(train_s), "projected_eval_s": round(evals * eval_s),
+              "projected_reference_s": round(reference_s), "projected_total_s": round(projected),
               "bench_wall_s": round(wall, 1), "precision": result.summary["precision"], "device": result.summary["device"]}
     if profile:
         report["profile"] = _top_operations(profiler, torch.cuda.is_available())
@@ -95,28 +96,35 @@ def _top_operations(profiler, cuda: bool, count: int = 12) -> list[dict]:
             for e in events[:count]]
 
 
-def _time_held_out(recipe, result, held_out_loss, torch) -> float:
-    """Seconds for one held-out pass, from timing up to 16 held-out examples and scaling by tokens."""
+def _time_held_out(recipe, result, held_out_loss, torch) -> tuple[float, float]:
+    """Seconds for one held-out pass and for the reference log-probs pass (DPO: one forward of every train and
+    held-out pair before step 1; 0 otherwise), from timing up to 16 held-out examples and scaling by tokens."""
     from accelerate import Accelerator
 
     from llamatune.data.batches import eval_order
     from llamatune.data.pipeline import build_datasets
     from llamatune.model import training_precision
+    from llamatune.train.objective import objective_for
 
     model = result.model
     tokenizer = _tokenizer_of(result)
     data = build_datasets(recipe.data, tokenizer, recipe.train.seed)
     if not data.eval:
-        return 0.0
+        return 0.0, 0.0
     sample = data.eval[:16]
+    objective = objective_for(recipe)
+    needs_reference = getattr(objective, "needs_reference", False)
+    if needs_reference:  # timing only: the values do not change the work of a forward pass
+        objective.reference = {"eval": [torch.zeros(len(row), 2) for row in sample]}
     precision = training_precision(recipe.train.precision)
     autocast = (lambda: torch.autocast(model.device.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
     t0 = time.perf_counter()
-    held_out_loss(model, sample, eval_order(sample, recipe.train.micro_batch_size), tokenizer.pad_token_id, Accelerator(),
-                  autocast, lambda: None)
+    held_out_loss(model, objective, sample, eval_order(sample, recipe.train.micro_batch_size), tokenizer.pad_token_id,
+                  Accelerator(), autocast, lambda: None)
     seconds = time.perf_counter() - t0
     count = lambda rows: sum(len(e.input_ids) for row in rows for e in row)  # noqa: E731
-    return seconds * count(data.eval) / max(count(sample), 1)
+    per_token = seconds / max(count(sample), 1)
+    return per_token * count(data.eval), per_token * (count(data.train) + count(data.eval)) if needs_reference else 0.0
 
 
 def _tokenizer_of(result):
@@ -145,7 +153,9 @@ def _show(r: dict, console: Console) -> None:
     plan = f" | plan estimated {r['plan_estimate_gib']:.2f} GiB" if r["plan_estimate_gib"] else ""
     console.print(f"peak memory {r['peak_memory_gib']:.2f} GiB ({r['memory']}, {r['allocator']} malloc){plan}")
     console.print(f"full recipe: {r['full_steps']} steps ≈ {minutes(r['projected_train_s'])} training + "
-                  f"{minutes(r['projected_eval_s'])} held-out evaluation ≈ [bold]{minutes(r['projected_total_s'])}[/]"
+                  f"{minutes(r['projected_eval_s'])} held-out evaluation"
+                  + (f" + {minutes(r['projected_reference_s'])} reference log-probs" if r["projected_reference_s"] else "")
+                  + f" ≈ [bold]{minutes(r['projected_total_s'])}[/]"
                   f" (bench took {r['bench_wall_s']:.0f} s)")
     if "profile" in r:
         table = Table("operation", "calls", "self time", "share", title="where the time went (profiled, all steps)")

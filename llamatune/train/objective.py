@@ -57,11 +57,16 @@ class Preference:
         self.reference = reference  # {"train": [row -> [pairs, 2]], "eval": [...]} for the DPO losses that use one
         self.needs_reference = method == "dpo" and spec.loss != "simpo"
         self.stat_names = ("reward_accuracy", "reward_margin", "logps_chosen", "logps_rejected") + (
-            ("log_odds_ratio", "nll") if method == "orpo" else ())
+            ("log_odds_ratio", "nll") if method == "orpo" else ("nll",) if spec.sft_weight > 0 else ())
+
+    @property
+    def next_token_term(self) -> bool:
+        """ORPO's chosen-answer next-token loss, or DPO's with preference.sft_weight: averaged over chosen tokens."""
+        return self.method == "orpo" or self.spec.sft_weight > 0
 
     def counts(self, batch: dict) -> torch.Tensor:
         pairs = float(batch["pairs"])
-        if self.method == "orpo":
+        if self.next_token_term:
             chosen = float((batch["pair_index"] % 2 == 0).sum())
             return torch.tensor([chosen, pairs])
         return torch.tensor([pairs])
@@ -81,6 +86,10 @@ class Preference:
             sums = losses.sum()[None]
             margin = rewards[:, 0] - rewards[:, 1]
             extra = {}
+            if self.spec.sft_weight > 0:
+                nll = -logps[:, 0].sum()
+                sums = torch.stack([self.spec.sft_weight * nll, sums[0]])
+                extra = {"nll": float((-logps[:, 0] / counts[:, 0]).sum())}
             shown = logps.detach()
         stats = {"reward_accuracy": float((margin > 0).float().sum()), "reward_margin": float(margin.sum()),
                  "logps_chosen": float(shown[:, 0].sum()), "logps_rejected": float(shown[:, 1].sum()), **extra}
