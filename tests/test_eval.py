@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 from conftest import CORPUS, write_jsonl
 from llamatune.cli import app
 from llamatune.data.encode import encode
-from llamatune.evaluate.scoring import load_target, score
+from llamatune.evaluate.scoring import score
+from llamatune.evaluate.target import load_target
 from llamatune.evaluate.metrics import bootstrap_ci, exact_match, rouge_l, token_f1
 from llamatune.recipe import load_recipe
 from llamatune.train.loop import train
@@ -164,7 +165,8 @@ def test_chat_streams_answers_and_compares_base(fixed_answer_run):
 
 def test_default_eval_data_is_the_runs_own_held_out_split(tiny_recipe, tmp_path):
     """With eval_fraction, eval must hold out the same documents as training did (the run's seed)."""
-    from llamatune.evaluate.scoring import eval_examples, load_target
+    from llamatune.evaluate.scoring import eval_examples
+    from llamatune.evaluate.target import load_target
 
     recipe = load_recipe(tiny_recipe, ["data.eval=null", "data.eval_fraction=0.25", "train.seed=11", "train.max_steps=1"])
     result = train(recipe, "t", run_dir=tmp_path / "run")

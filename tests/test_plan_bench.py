@@ -1,5 +1,6 @@
 """`llamatune plan` against what autograd really keeps, and `llamatune bench` end to end on the tiny model."""
 
+import json
 
 import pytest
 import torch
@@ -76,9 +77,14 @@ def test_plan_and_bench_commands(tiny_model_dir, tiny_recipe):
     assert "activations" in planned.output and "suggested: train.micro_batch_size=" in planned.output
     wrong = runner.invoke(app, ["plan", str(tiny_recipe), "--device", "tpu"])
     assert wrong.exit_code == 2 and "not one of cpu" in wrong.output
-    benched = runner.invoke(app, ["bench", str(tiny_recipe), "--steps", "3"])
+    saved = tiny_recipe.parent / "numbers" / "bench.json"
+    benched = runner.invoke(app, ["bench", str(tiny_recipe), "--steps", "3", "--save", str(saved)])
     assert benched.exit_code == 0, benched.output
     assert "tokens/s" in benched.output and "peak memory" in benched.output and "full recipe: 4 steps" in benched.output
+    numbers = json.loads(saved.read_text())  # what scale.py reads: the printed numbers, as JSON
+    assert numbers["full_steps"] == 4 and numbers["tokens_per_s"] > 0 and numbers["peak_memory_gib"] > 0
+    again = runner.invoke(app, ["bench", str(tiny_recipe), "--steps", "3", "--save", str(saved)])
+    assert again.exit_code == 1 and "already exists" in again.output and "Traceback" not in again.output
     assert not (tiny_recipe.parent / "runs").exists()  # bench leaves no run directory behind
     profiled = runner.invoke(app, ["bench", str(tiny_recipe), "--steps", "2", "--profile"])
     assert profiled.exit_code == 0, profiled.output

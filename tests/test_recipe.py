@@ -87,8 +87,13 @@ def test_every_shipped_recipe_validates(recipe):
     if root is not None and not root.is_dir():
         pytest.skip(f"domain datasets not found at {root} (pass --set data.root=... to use them)")
     result = CliRunner().invoke(app, ["validate", str(REPO / recipe)])
-    adapter = load_recipe(REPO / recipe).model.adapter
-    if adapter is None or Path(adapter).is_dir():
+    parsed = load_recipe(REPO / recipe)
+    adapter = parsed.model.adapter
+    if parsed.train.method == "distill" and not Path(parsed.distill.teacher).is_dir():
+        # distillation on a clean checkout: refused for its missing teacher run and pruned student, and only those
+        assert result.exit_code == 2 and "2 problems in" in result.output, result.output
+        assert "model.path (line" in result.output and "distill.teacher (line" in result.output
+    elif adapter is None or Path(adapter).is_dir():
         assert result.exit_code == 0, result.output
     else:  # a second stage (DPO after SFT) on a clean checkout: refused for its missing first-stage run, and only that
         assert result.exit_code == 2 and "1 problem in" in result.output, result.output

@@ -1,7 +1,7 @@
 """The scale ladder: Llama-3.2-1B, Llama-3.2-3B and Llama-3.1-8B shapes with random weights, through every stage
 outside and inside training, each stage in a fresh process with its wall time, peak RSS and disk.
 
-    python examples/benchmarks/scale.py                  # 1b, 3b, 8b (hours on 2 cores; ~60 GB of disk for 8b)
+    python examples/benchmarks/scale.py                  # 1b, 3b, 3b-qlora, 8b (about 1.5 h on 2 cores; ~45 GB of disk)
     python examples/benchmarks/scale.py --shapes 1b      # one rung
     python examples/benchmarks/scale.py --work /big/disk # where the models go (default: a temporary folder)
 
@@ -10,8 +10,9 @@ For each shape:
   export   llamatune export MODEL --quant q8_0                  (the GGUF a user would bring)
   convert  the GGUF back to safetensors, as `model.path: X.gguf` does (model.dtype auto: float16)
   plan     llamatune plan's peak prediction for the recipe below (this machine)
-  train    llamatune train, 2 steps (the loop bench times; it also leaves the adapter merge needs): LoRA for 1b and
-           3b, QLoRA nf4 for 3b-qlora and 8b, in float32 compute on a CPU without bf16
+  bench    llamatune bench --steps 2: tokens/s, step time and the peak, next to the plan: LoRA for 1b and 3b,
+           QLoRA nf4 for 3b-qlora and 8b (float32 compute on a CPU without bf16)
+  train    llamatune train, the same 2 steps, for the adapter merge needs (its peak is a second reading)
   merge    llamatune merge RUN (bf16 output), parity layer by layer
   export4  llamatune export RUN/merged --quant q4_k_m
 Peak RSS is the child's own (wait4's ru_maxrss; each stage starts in a small process). Results go to
@@ -164,6 +165,12 @@ def rung(name: str, work: Path) -> dict:
     if planned.returncode != 0:
         raise SystemExit(planned.stderr[-3000:])
     steps["plan"] = json.loads(planned.stdout.rsplit("PLAN", 1)[1])
+    numbers = work / "bench.json"
+    numbers.unlink(missing_ok=True)
+    steps["bench"] = _measure(_llamatune("bench", path, "--steps", 2, "--save", numbers), env, work / "bench.log")
+    bench = json.loads(numbers.read_text())
+    steps["bench"].update({k: bench[k] for k in ("tokens_per_s", "step_s", "plan_estimate_gib", "precision")})
+    steps["bench"]["plan_error"] = round(steps["plan"]["total_gib"] / steps["bench"]["peak_rss_gib"] - 1, 3)
     run = work / "run"
     shutil.rmtree(run, ignore_errors=True)
     steps["train"] = _measure(_llamatune("train", path, "--run-dir", run), env, work / "train.log")
@@ -199,7 +206,10 @@ def table(results: list[dict]) -> str:
             if step == "plan":
                 continue
             note = ""
-            if step == "train":
+            if step == "bench":
+                note = (f"plan {r['steps']['plan']['total_gib']:.2f} GiB ({m['plan_error']:+.0%}); "
+                        f"{m['tokens_per_s']:.0f} tokens/s, {m['step_s']:.1f} s/step ({m['precision']})")
+            elif step == "train":
                 note = (f"plan {r['steps']['plan']['total_gib']:.2f} GiB ({m['plan_error']:+.0%}); "
                         f"steps {', '.join(f'{s:.0f}' for s in m['step_s'])} s")
             elif step == "merge":
@@ -215,7 +225,7 @@ def table(results: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="1b,3b,8b", help=f"comma-separated rungs of {', '.join(RUNGS)}")
+    parser.add_argument("--shapes", default="1b,3b,3b-qlora,8b", help=f"comma-separated rungs of {', '.join(RUNGS)}")
     parser.add_argument("--work", type=Path, default=None, help="folder for models and runs (kept when given)")
     parser.add_argument("--build", choices=list(SHAPES), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)

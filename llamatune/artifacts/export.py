@@ -65,7 +65,7 @@ def _open_run(run: Path, say: Callable[[str], None]) -> dict:
     from llamatune.artifacts import lora
     from llamatune.artifacts.gguf_lora import base_folder
     from llamatune.artifacts.weights import MergedWeights
-    from llamatune.evaluate.scoring import run_tokenizer
+    from llamatune.evaluate.target import run_tokenizer
 
     base = base_folder(run, say)
     config, _ = _open_config(base)

@@ -70,7 +70,8 @@ def held_out(source: Path, tokenizer, say: Callable[[str], None]) -> tuple[list[
 
     run = run_of(source)
     if run is not None:
-        from llamatune.evaluate.scoring import Target, eval_examples
+        from llamatune.evaluate.scoring import eval_examples
+        from llamatune.evaluate.target import Target
         from llamatune.recipe import RecipeError, load_recipe
 
         try:

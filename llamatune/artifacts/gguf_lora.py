@@ -98,7 +98,7 @@ def export_base(run: Path, out: Path, quant: str, say: Callable[[str], None] = p
     with the run's tokenizer and trained chat template, through export.py's writer. Written once, it serves every
     adapter trained on that base."""
     from llamatune.artifacts.export import export_gguf
-    from llamatune.evaluate.scoring import run_tokenizer
+    from llamatune.evaluate.target import run_tokenizer
 
     check_output(out, "--out")
     folder = base_folder(run, say)
@@ -118,7 +118,7 @@ def export_ollama_lora(run: Path, folder: Path, quant: str, base: Path | None = 
     from llamatune import lock, strictjson
     from llamatune.artifacts.export import _write_gguf
     from llamatune.artifacts.modelfile import ollama_modelfile, ollama_name
-    from llamatune.evaluate.scoring import run_tokenizer
+    from llamatune.evaluate.target import run_tokenizer
 
     check_output(folder, "--out")
     base_dir = base_folder(run, say)

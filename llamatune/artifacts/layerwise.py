@@ -38,6 +38,16 @@ def logits(config, weights, prompts: list[list[int]], hooks: Callable | None = N
            tick: Callable[[], None] = lambda: None) -> list["torch.Tensor"]:
     """Float32 logits [len(prompt), vocab] of every prompt, the model run one decoder layer at a time.
 
+    Args: as hidden_states.
+    """
+    return _head(config, weights, hidden_states(config, weights, prompts, hooks, tick))
+
+
+def hidden_states(config, weights, prompts: list[list[int]], hooks: Callable | None = None,
+                  tick: Callable[[], None] = lambda: None) -> list["torch.Tensor"]:
+    """Float32 final hidden states [len(prompt), hidden] (after the last norm) of every prompt, the model run one
+    decoder layer at a time.
+
     Args:
         config: The model's transformers config (a Llama-architecture model).
         weights: The weight source (see the module's docstring).
@@ -72,8 +82,7 @@ def logits(config, weights, prompts: list[list[int]], hooks: Callable | None = N
             tick()
         norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         norm.load_state_dict({"weight": weights.get(NORM)})
-        hidden = [norm(h)[0] for h in hidden]
-        return _head(config, weights, hidden)
+        return [norm(h)[0] for h in hidden]
 
 
 def _first(out):

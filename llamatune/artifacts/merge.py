@@ -79,7 +79,7 @@ def _merge_into(staging: Path, run_dir: Path, recipe, dtype: str, say: Callable[
     """
     from llamatune.artifacts import lora
     from llamatune.artifacts.gguf_lora import _config, base_folder
-    from llamatune.evaluate.scoring import run_tokenizer
+    from llamatune.evaluate.target import run_tokenizer
 
     base = base_folder(run_dir, say)
     # the base as the recipe names it: a hub id stays one, anything else is the local folder (resolved once: a
@@ -115,7 +115,8 @@ PARITY_TOKENS = 1024
 
 def _parity_prompts(run_dir: Path, recipe, tokenizer) -> list[list[int]]:
     """Up to 8 held-out prompts (a plain-text window whole), each cut to its share of PARITY_TOKENS."""
-    from llamatune.evaluate.scoring import Target, eval_examples, prompt_ids
+    from llamatune.evaluate.scoring import eval_examples, prompt_ids
+    from llamatune.evaluate.target import Target
 
     examples, _ = eval_examples(Target(None, tokenizer, False, str(run_dir), recipe), [], 8)
     # A window of plain text may have no prompt at all: the whole window is the input then.
@@ -201,7 +202,7 @@ def _merge_in_memory(staging: Path, run_dir: Path, recipe, base: Path, dtype: st
     """peft's merge_and_unload on the whole model loaded in float32: for adapters that are more than W + scale·BA."""
     import torch
 
-    from llamatune.evaluate.scoring import with_adapter
+    from llamatune.evaluate.target import with_adapter
     from llamatune.schema import QuantizationSpec
 
     with Phase(say, f"merge: loading {base} in float32 and the adapter"):
@@ -268,7 +269,7 @@ def _check(found: dict, dtype: str, verify: bool) -> None:
 def _quantized_gap(run_dir: Path, recipe, ref: str, merged, prompts) -> dict:
     """How far the merged full-precision model is from the 4-bit model the adapter was trained with."""
     import torch
-    from llamatune.evaluate.scoring import with_adapter
+    from llamatune.evaluate.target import with_adapter
 
     prompts = [p if torch.is_tensor(p) else torch.tensor([p]) for p in prompts]
     trained = with_adapter(models.load_base(ref, recipe.model, recipe.quantization), run_dir).eval()

@@ -9,7 +9,7 @@ from typing import Callable
 
 from llamatune.data.encode import render_chat
 from llamatune.errors import RecipeError
-from llamatune.evaluate.scoring import load_target
+from llamatune.evaluate.target import load_target
 
 
 def chat(path: Path, compare_base: bool, max_new_tokens: int, system: str | None,

@@ -66,6 +66,31 @@ def summarize(tuned: list[dict], base: list[dict] | None) -> dict:
     return out
 
 
+def side_by_side(summaries: dict[str, dict]) -> dict:
+    """Several comparisons' summaries (each from summarize: tuned, base, delta) as one: per metric the tuned
+    estimate once, each comparison's under its own name, and its paired difference as delta_<name> (ratio_<name>
+    for perplexities)."""
+    out: dict = {}
+    for name, summary in summaries.items():
+        for metric, v in summary.items():
+            entry = out.setdefault(metric, {"n": v["n"], "tuned": v["tuned"]})
+            for part, key in (("base", name), ("delta", f"delta_{name}"), ("ratio", f"ratio_{name}")):
+                if part in v:
+                    entry[key] = v[part]
+    return out
+
+
+def _columns(against: str | list[str]) -> list[tuple[str, str, str]]:
+    """(column title, estimate key, change key) of each comparison; one comparison is stored as base / delta."""
+    if isinstance(against, str):
+        return [(against, "base", "")]
+    return [(name, name, f"_{name}") for name in against]
+
+
+def _change(v: dict, suffix: str) -> str:
+    return _fmt(v.get(f"delta{suffix}"), signed=True) if f"ratio{suffix}" not in v else "×" + _fmt(v[f"ratio{suffix}"])
+
+
 # Below this many examples a percentile bootstrap interval is too narrow and too unstable to lean on.
 MIN_RELIABLE_N = 30
 
@@ -79,20 +104,16 @@ def small_samples(summary: dict) -> list[str]:
             "(too narrow and unstable); evaluate on more held-out data before trusting a difference"]
 
 
-def show(summary: dict, console: Console, against: str = "base") -> None:
-    """The metric table: base (or, `against` start, the adapter the run started from), tuned, Δ with 95% intervals."""
-    compare = any("base" in v for v in summary.values())
+def show(summary: dict, console: Console, against: str | list[str] = "base") -> None:
+    """The metric table: each comparison (base, or start: the adapter the run started from, or several of base,
+    start, teacher), tuned, and Δ tuned − each, with 95% intervals."""
+    columns = [c for c in _columns(against) if any(c[1] in v for v in summary.values())]
     table = Table(title="held-out evaluation (95% bootstrap intervals)")
-    for column in ["metric", "n"] + ([against] if compare else []) + ["tuned"] + ([f"Δ tuned − {against}"] if compare else []):
+    for column in ["metric", "n", *(c[0] for c in columns), "tuned", *(f"Δ tuned − {c[0]}" for c in columns)]:
         table.add_column(column, justify="right" if column != "metric" else "left")
     for name, v in summary.items():
-        cells = [name, str(v["n"])]
-        if compare:
-            cells.append(_fmt(v.get("base")))
-        cells.append(_fmt(v["tuned"]))
-        if compare:
-            cells.append(_fmt(v.get("delta"), signed=True) if "ratio" not in v else "×" + _fmt(v["ratio"]))
-        table.add_row(*cells)
+        table.add_row(name, str(v["n"]), *(_fmt(v.get(key)) for _, key, _ in columns), _fmt(v["tuned"]),
+                      *(_change(v, suffix) for _, _, suffix in columns))
     console.print(table)
 
 
@@ -176,11 +197,13 @@ def markdown(summary: dict, header: dict, samples: list[dict]) -> str:
         lines += [f"Note: {note}.", ""]
     for warning in header.get("warnings", []):
         lines += [f"Warning: {warning}.", ""]
-    against = header.get("compare") or "base"  # the comparison pass is stored as "base" whichever model it is
-    lines += [f"| metric | n | {against} | tuned | Δ tuned − {against} |", "|---|---|---|---|---|"]
+    columns = _columns(header.get("compare") or "base")  # one comparison is stored as "base" whichever model it is
+    row = lambda cells: "| " + " | ".join(map(str, cells)) + " |"  # noqa: E731
+    lines += [row(["metric", "n", *(c[0] for c in columns), "tuned", *(f"Δ tuned − {c[0]}" for c in columns)]),
+              "|---" * (3 + 2 * len(columns)) + "|"]
     for name, v in summary.items():
-        change = _fmt(v.get("delta"), signed=True) if "ratio" not in v else "×" + _fmt(v["ratio"])
-        lines.append(f"| {name} | {v['n']} | {_fmt(v.get('base'))} | {_fmt(v['tuned'])} | {change} |")
+        lines.append(row([name, v["n"], *(_fmt(v.get(key)) for _, key, _ in columns), _fmt(v["tuned"]),
+                          *(_change(v, suffix) for _, _, suffix in columns)]))
     for group in header.get("answers", []):
         passes = [p for p in ("base", "tuned") if p in group["predicted"]]
         lines += ["", f"## Answers by {group['by']} ({group['n']} examples)", "",

@@ -9,115 +9,17 @@ generation, greedy answers scored by exact match, token F1 and ROUGE-L.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from rich.markup import escape
 
-from llamatune import model as models
 from llamatune.data.batches import collate, unpacked
 from llamatune.data.encode import IGNORE_INDEX, Example
-from llamatune.errors import LlamatuneError, RecipeError
+from llamatune.errors import RecipeError
 from llamatune.evaluate.metrics import exact_match, rouge_l, token_f1
+from llamatune.evaluate.target import Target, load_other_run, load_start, load_target
 from llamatune.train.checkpoint import fault
-
-
-@dataclass
-class Target:
-    """What is evaluated: a model (with a switchable adapter for a run), its tokenizer, and where it came from."""
-
-    model: Any
-    tokenizer: Any
-    has_adapter: bool
-    name: str
-    recipe: Any = None  # the run's resolved recipe, when the target is a run directory
-
-
-def load_target(path: Path, say: Callable[[str], None] = print) -> Target:
-    """Loads a run directory (base + adapter, the training tokenizer), a merged model folder, or a .gguf file.
-
-    Raises:
-        RecipeError: If the path is none of these.
-        LlamatuneError: If one of its files is missing or damaged (the message names it).
-    """
-    from llamatune.artifacts.files import target_kind
-    from llamatune.schema import ModelSpec, QuantizationSpec
-
-    kind = target_kind(path)
-    if kind == "run":
-        from llamatune.recipe import load_recipe
-
-        recipe = load_recipe(path / "recipe.yaml", saved=True)
-        tokenizer = run_tokenizer(path)  # before the weights: the cheap file first
-        base = models.load_base(models.resolve(recipe.model, say), recipe.model, recipe.quantization)
-        return Target(with_adapter(base, path).eval(), _padded(tokenizer), True, str(path), recipe)
-    if kind == "checkpoint":
-        return _checkpoint_target(path, say)
-    spec = ModelSpec(path=str(path))
-    ref = models.resolve(spec, say)
-    model = models.load_base(ref, spec, QuantizationSpec()).eval()
-    return Target(model, models.load_tokenizer(ref), False, str(path))
-
-
-def _checkpoint_target(path: Path, say: Callable[[str], None]) -> Target:
-    """A checkpoint (RUN/checkpoints/step-N) as a target: the run's base with a fresh LoRA adapter of the run's
-    settings, its weights replaced by the checkpoint's. A stopped run has no tokenizer/ yet: the base model's
-    tokenizer is what training used then (the pipeline applies the recipe's chat template to it again)."""
-    import torch
-    from safetensors.torch import load_file
-
-    from llamatune.recipe import load_recipe
-    from llamatune.train import checkpoint
-
-    run = path.parent.parent
-    recipe = load_recipe(run / "recipe.yaml", saved=True)
-    checkpoint.verify(path)  # a damaged checkpoint is named, not half-loaded
-    ref = models.resolve(recipe.model, say)
-    tokenizer = run_tokenizer(run) if (run / "tokenizer").is_dir() else \
-        models.load_tokenizer(ref, recipe.model.revision, recipe.model.trust_remote_code)
-    quantized = recipe.quantization.mode != "none"
-    model = models.apply_lora(models.load_base(ref, recipe.model, recipe.quantization), recipe.lora, quantized)
-    params = dict(model.named_parameters())
-    tensors = {name.removeprefix("module."): t for name, t in load_file(path / "adapter.safetensors").items()}
-    missing = sorted(set(tensors) - set(params)) or sorted(n for n, p in params.items() if p.requires_grad and n not in tensors)
-    if missing:
-        raise LlamatuneError(f"checkpoint {path} does not fit the LoRA settings in {run / 'recipe.yaml'} (e.g. {missing[0]}); "
-                             "was that recipe edited after training?")
-    with torch.no_grad():
-        for name, value in tensors.items():
-            params[name].copy_(value)
-    return Target(model.eval(), _padded(tokenizer), True, str(path), recipe)
-
-
-def run_tokenizer(run: Path):
-    """The tokenizer a run was trained with (RUN/tokenizer, its chat template included)."""
-    from transformers import AutoTokenizer
-
-    from llamatune.artifacts.files import FIX_RUN, opened
-
-    return opened(partial(AutoTokenizer.from_pretrained, str(run / "tokenizer")), run / "tokenizer", "tokenizer", FIX_RUN)
-
-
-def with_adapter(base, run: Path):
-    """`base` wrapped in the run's LoRA adapter (RUN/adapter, PEFT format)."""
-    from peft import PeftModel
-
-    from llamatune.artifacts.files import FIX_RUN, opened
-
-    try:
-        return opened(partial(PeftModel.from_pretrained, base, str(run / "adapter")), run / "adapter", "adapter", FIX_RUN)
-    except (RuntimeError, ValueError, KeyError) as exc:  # whole files that do not fit: shapes or module names differ
-        from llamatune.artifacts.lora import does_not_fit
-
-        raise does_not_fit(run, base.name_or_path, str(exc).strip().splitlines()[0][:300]) from None
-
-
-def _padded(tokenizer):
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def eval_examples(target: Target, data: list[str], limit: int | None,
@@ -209,23 +111,6 @@ class _using:
     def __exit__(self, *exc):
         self.model.set_adapter("default")
         return False
-
-
-def load_start(target: Target, path: Path) -> None:
-    """Loads the adapter the run started from (its recipe's model.adapter) beside its own, as "start".
-
-    Raises:
-        RecipeError: If the run did not start from an adapter.
-    """
-    start = target.recipe.model.adapter if target.recipe is not None else None
-    if start is None:
-        raise RecipeError([f"--compare start needs a run that started from another run's adapter (model.adapter); "
-                           f"{path} did not: use --compare base"])
-    from llamatune.artifacts.files import FIX_RUN, opened
-
-    folder = Path(start) / "adapter"
-    opened(partial(target.model.load_adapter, str(folder), adapter_name="start"), folder, "adapter", FIX_RUN)
-    target.model.eval()
 
 
 def prompt_ids(example: Example) -> list[int]:
@@ -345,24 +230,33 @@ def _generate(model, tok, examples: list[Example], max_new_tokens: int) -> list[
     return texts
 
 
-def run_eval(path: Path, data: list[str], compare: str | None, generate: bool, limit: int | None, out_dir: Path | None,
+def run_eval(path: Path, data: list[str], compare: list[str], generate: bool, limit: int | None, out_dir: Path | None,
              max_new_tokens: int, batch_size: int, console) -> dict:
-    """The whole `llamatune eval`: load, read data, score tuned (and base, or the adapter the run started from),
-    report. Returns the summary."""
+    """The whole `llamatune eval`: load, read data, score tuned and each comparison (base: the adapter off; start:
+    the adapter the run started from; teacher: a distillation run's teacher), report. Returns the summary."""
     from llamatune.artifacts.files import check_output, target_kind
     from llamatune.evaluate import classes
     from llamatune.evaluate import report as evalreport
     from llamatune.progress import Phase
 
+    compare = list(dict.fromkeys(compare))
     kind = target_kind(path)
     out_dir = out_dir or {"run": path / "eval", "checkpoint": path.parent.parent / "eval" / path.name}.get(kind, Path("eval") / path.stem)
     check_output(out_dir, "--out", existing_folder_ok=True)  # now, not after the scoring
     with Phase(console, f"eval: loading {path.name}"):
         target = load_target(path, say=console.print)
     if compare and not target.has_adapter:
-        raise RecipeError([f"--compare {compare} needs a run directory (an adapter to switch off); {path} is a plain model"])
-    if compare == "start":
-        load_start(target, path)
+        raise RecipeError([f"--compare {compare[0]} needs a run directory (an adapter to switch off); {path} is a plain model"])
+    passes = [("tuned", target, True)]
+    for i, name in enumerate(compare):
+        if name == "start":
+            load_start(target, path)
+        elif name not in ("base", "teacher"):
+            load_other_run(target, path, Path(name), f"other{i}")
+        passes.append((name if name in ("base", "start", "teacher") else Path(name).name,
+                       _teacher_target(target, path, console) if name == "teacher" else target,
+                       {"base": False, "start": "start", "teacher": True}.get(name, f"other{i}")))
+    compare = [name for name, _, _ in passes[1:]]
     examples, manifests = eval_examples(target, data, limit, say=console.print)
     if not examples:
         raise RecipeError(["no held-out examples to evaluate"])
@@ -370,18 +264,27 @@ def run_eval(path: Path, data: list[str], compare: str | None, generate: bool, l
     if leaked:
         console.print(f"[yellow]warning:[/] {leaked} of {len(examples)} evaluation examples also occur in this run's "
                       "training data; their scores say little about generalisation")
-    # The comparison pass is stored as "base" whichever model it scores (eval.json's compare says which).
-    passes = [("tuned", True)] + ([("base", "start" if compare == "start" else False)] if compare else [])
     scores = {}
-    for name, adapter in passes:
-        shown = "start" if adapter == "start" else name
-        with Phase(console, f"eval {shown}", total=len(examples), unit="examples") as phase:
-            scores[name] = score(target, examples, adapter, generate, max_new_tokens, batch_size, progress=phase.advance)
-    answers = classes.breakdown([e.choices for e in examples], scores["tuned"], scores.get("base"))
-    summary = evalreport.with_macro_f1(evalreport.summarize(scores["tuned"], scores.get("base")), answers)
+    for name, scored, adapter in passes:
+        with Phase(console, f"eval {name}", total=len(examples), unit="examples") as phase:
+            scores[name] = score(scored, examples, adapter, generate, max_new_tokens, batch_size, progress=phase.advance)
+    choice_sets = [e.choices for e in examples]
+    if len(compare) <= 1:
+        # One comparison is stored as "base" whichever model it scores (eval.json's compare says which).
+        other = scores.pop(compare[0]) if compare else None
+        if other is not None:
+            scores["base"] = other
+        answers = classes.breakdown(choice_sets, scores["tuned"], other)
+        summary = evalreport.with_macro_f1(evalreport.summarize(scores["tuned"], other), answers)
+    else:
+        answers = classes.breakdown(choice_sets, scores["tuned"], scores[compare[0]])
+        summary = evalreport.side_by_side({c: evalreport.with_macro_f1(evalreport.summarize(scores["tuned"], scores[c]),
+                                                                       classes.breakdown(choice_sets, scores["tuned"], scores[c]))
+                                           for c in compare})
     notes, rules = _notes(examples, generate), scoring_rules(scores["tuned"], generate)
     warnings = evalreport.small_samples(summary) + classes.collapse_warnings(answers)
-    evalreport.show(summary, console, against=compare or "base")
+    against = compare if len(compare) > 1 else (compare[0] if compare else "base")
+    evalreport.show(summary, console, against=against)
     evalreport.show_answers(answers, console)
     for line in [f"scoring: {rule}" for rule in rules] + notes:
         console.print(line, highlight=False, markup=False)
@@ -389,10 +292,12 @@ def run_eval(path: Path, data: list[str], compare: str | None, generate: bool, l
         console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     samples = _samples(target.tokenizer, examples, scores)
     fingerprints = {name: _fingerprint(m) for name, m in manifests.items()}
-    header = {"target": str(path), "examples": len(examples), "compare_base": compare == "base", "compare": compare,
-              "generate": generate,
+    header = {"target": str(path), "examples": len(examples), "compare_base": compare == ["base"],
+              "compare": compare if len(compare) > 1 else (compare[0] if compare else None), "generate": generate,
               "max_new_tokens": max_new_tokens, "data_fingerprints": fingerprints, "overlap_with_training": leaked,
               "scoring": rules, "notes": notes, "warnings": warnings, "answers": answers}
+    if "teacher" in compare:
+        header["teacher"] = target.recipe.distill.teacher
     evalreport.write(out_dir, summary, header, samples)
     if target.recipe is not None:
         from llamatune.recipe import redactor_of
@@ -406,6 +311,18 @@ def run_eval(path: Path, data: list[str], compare: str | None, generate: bool, l
         run = path if kind == "run" else path.parent.parent
         log_eval(run, summary, out_dir, None if kind == "run" else int(path.name.split("-")[-1]), console.print)
     return summary
+
+
+def _teacher_target(target: Target, path: Path, console) -> Target:
+    """The teacher a distillation run learned from (its recipe's distill.teacher), scored with the run's tokenizer
+    (training checked that the two share one vocabulary)."""
+    from llamatune.train.teacher import load_teacher
+
+    if target.recipe is None or target.recipe.train.method != "distill":
+        raise RecipeError([f"--compare teacher needs a run trained with train.method: distill (it names its teacher in "
+                           f"distill.teacher); {path} is not one: use --compare base"])
+    model, _ = load_teacher(target.recipe.distill.teacher, "fp32", console.print)
+    return Target(model, target.tokenizer, False, target.recipe.distill.teacher)
 
 
 def scoring_rules(tuned: list[dict], generate: bool) -> list[str]:

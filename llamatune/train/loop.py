@@ -94,6 +94,7 @@ def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, 
     from llamatune.train.fused import use_lean_blocks, use_lean_lora
     from llamatune.train.objective import objective_for, reference_logps
     from llamatune.train.start import load_start
+    from llamatune.train.teacher import targets as teacher_targets
 
     cfg = recipe.train
     # Under torchrun/mpirun without a GPU, accelerate only sets up (gloo) distribution when told cpu=True.
@@ -130,6 +131,11 @@ def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, 
     data_fingerprint = fingerprint(data.manifest)
     recipe_sha = hashlib.sha256(recipe_to_yaml(recipe).encode()).hexdigest()
 
+    objective = objective_for(recipe)
+    if cfg.method == "distill":  # the teacher's targets, before the student loads: the two never share the memory
+        objective.reference = teacher_targets(recipe, data, collate, tokenizer.pad_token_id, len(tokenizer), acc,
+                                              autocast, precision, cfg.micro_batch_size, console)
+
     # ---- model ---------------------------------------------------------------------------------
     t_load = time.perf_counter()
     quantized = recipe.quantization.mode != "none"
@@ -138,7 +144,8 @@ def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, 
                enabled=acc.is_main_process):
         base = models.load_base(ref, recipe.model, recipe.quantization, device_map={"": str(acc.device)}, sharded=sharded,
                                 precision=precision)
-    model = models.apply_lora(base, recipe.lora, quantized, cfg.gradient_checkpointing)
+    extra = models.extra_trainable(recipe.distill.train_extra, ref) if cfg.method == "distill" else None
+    model = models.apply_lora(base, recipe.lora, quantized, cfg.gradient_checkpointing, extra)
     load_start(model, recipe)  # model.adapter: this run continues another run's adapter
     if acc.device.type == "cpu":  # CUDA's fused dropout is cheap; the CPU Bernoulli sampler is not
         use_fast_dropout(model)
@@ -188,7 +195,6 @@ def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, 
         start, tokens_seen, skipped, eval_before = state["step"], state["tokens"], state["skipped_steps"], state["eval_loss_before"]
         best, waited, loss = state["best_eval_loss"], state["evals_without_improvement"], state["loss"]
         say(f"resuming {run_dir} from {ckpt.name} (step {start} of {total_steps})")
-    objective = objective_for(recipe)
     if getattr(objective, "needs_reference", False):
         rows = len(data.train) + len(data.eval)
         with Phase(console, "reference log-probs of every pair (once, before the first step)", rows, "rows",

@@ -45,10 +45,7 @@ def summed_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
 
     Shapes: input_ids/labels [B, T]; the prediction at t is scored against the label at t+1.
     """
-    labels = batch["labels"]
-    keep = labels[:, 1:] != IGNORE_INDEX
-    rows, cols = keep.nonzero(as_tuple=True)
-    targets = labels[:, 1:][keep]
+    rows, cols, targets = trained_positions(batch["labels"])
     return token_losses(model, batch, rows, cols, targets).sum(), targets.numel()
 
 
@@ -64,6 +61,16 @@ def token_losses(model, batch: dict, rows: torch.Tensor, cols: torch.Tensor, tar
     """
     import torch.nn.functional as F
 
+    outputs, head = scored_outputs(model, batch, rows, cols)
+    if head is None:
+        return F.cross_entropy(outputs.float(), targets, reduction="none")
+    return linear_cross_entropy(outputs, head, targets, reduction="none")
+
+
+def scored_outputs(model, batch: dict, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The model's output at each scored position (rows[i], cols[i]): final hidden states [N, H] and the frozen
+    output projection [V, H] to apply to them chunk by chunk, or, when the head is not a frozen plain Linear,
+    the logits [N, V] and None."""
     columns, where = torch.unique(cols, return_inverse=True)
     mask = batch["attention_mask"]
     # A [B, T] padding mask only hides right padding, which causal attention already keeps away from
@@ -72,15 +79,22 @@ def token_losses(model, batch: dict, rows: torch.Tensor, cols: torch.Tensor, tar
                   position_ids=batch["position_ids"], logits_to_keep=columns)
     found = _frozen_head(model)
     if found is None:
-        logits = model(**inputs).logits[rows, where]  # [scored tokens, V]
-        return F.cross_entropy(logits.float(), targets, reduction="none")
+        return model(**inputs).logits[rows, where], None  # [scored tokens, V]
     owner, head = found
     owner.lm_head = _Passthrough()
     try:
         hidden = model(**inputs).logits[rows, where]  # [scored tokens, H]
     finally:
         owner.lm_head = head
-    return linear_cross_entropy(hidden, head.weight, targets, reduction="none")
+    return hidden, head.weight
+
+
+def trained_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, cols, targets) of every trained token, row-major: the output at (rows[i], cols[i]) predicts targets[i].
+    The order every per-token quantity of a batch follows (losses, a teacher's cached targets)."""
+    keep = labels[:, 1:] != IGNORE_INDEX
+    rows, cols = keep.nonzero(as_tuple=True)
+    return rows, cols, labels[:, 1:][keep]
 
 
 def _frozen_head(model):

@@ -78,7 +78,7 @@ class Preference:
             nll = -logps[:, 0].sum()
             sums = torch.stack([nll, odds_term.sum()])
             margin = log_odds
-            extra = {"log_odds_ratio": float(log_odds.sum()), "nll": float((-logps[:, 0] / counts[:, 0]).sum())}
+            extra = {"log_odds_ratio": float(log_odds.detach().sum()), "nll": float((-logps[:, 0].detach() / counts[:, 0]).sum())}
             shown = (logps / counts).detach()  # ORPO's log-probs are per token, as TRL logs them
         else:
             losses, rewards = pref.dpo_losses(logps, counts, batch.get("ref_logps"), self.spec.loss, self.spec.beta,
@@ -89,8 +89,9 @@ class Preference:
             if self.spec.sft_weight > 0:
                 nll = -logps[:, 0].sum()
                 sums = torch.stack([self.spec.sft_weight * nll, sums[0]])
-                extra = {"nll": float((-logps[:, 0] / counts[:, 0]).sum())}
+                extra = {"nll": float((-logps[:, 0].detach() / counts[:, 0]).sum())}
             shown = logps.detach()
+        margin = margin.detach()  # a statistic: float() of a tensor that needs a gradient warns on every step
         stats = {"reward_accuracy": float((margin > 0).float().sum()), "reward_margin": float(margin.sum()),
                  "logps_chosen": float(shown[:, 0].sum()), "logps_rejected": float(shown[:, 1].sum()), **extra}
         return Terms(sums, self.counts(batch), stats)
@@ -102,10 +103,39 @@ class Preference:
         return batch
 
 
-def objective_for(recipe) -> SFT | Preference:
-    """The recipe's objective (its reference log-probs, when it needs them, are filled in by `reference_logps`)."""
+class Distill(SFT):
+    """kd_ratio x the distillation loss on the teacher's cached top-k + (1 - kd_ratio) x next-token cross-entropy,
+    averaged over the step's label tokens (train/distill.py)."""
+
+    method = "distill"
+    stat_names = ("kd_loss", "ce_loss", "teacher_top1_agreement")
+
+    def __init__(self, spec, reference: dict | None = None):
+        self.spec = spec
+        self.reference = reference  # {"train": [row -> (top [n, k], logp [n, k(+1)])], "eval": [...]}: teacher.targets
+
+    def attach(self, batch: dict, split: str, rows: list[int]) -> dict:
+        """Adds the teacher's top tokens and grouped log-probs of these rows (their trained positions, row-major)."""
+        cached = [self.reference[split][i] for i in rows]
+        batch["teacher_top"] = torch.cat([c[0] for c in cached]).long().to(batch["input_ids"].device)
+        batch["teacher_logp"] = torch.cat([c[1] for c in cached]).to(batch["input_ids"].device)
+        return batch
+
+    def terms(self, model, batch: dict) -> Terms:
+        from llamatune.train.distill import distill_terms
+
+        mixed, ce, kd, agree = distill_terms(model, batch, self.spec.temperature, self.spec.kd_ratio, self.spec.loss)
+        stats = {"kd_loss": float(kd.sum()), "ce_loss": float(ce.sum()), "teacher_top1_agreement": float(agree.sum())}
+        return Terms(mixed.sum()[None], self.counts(batch), stats)
+
+
+def objective_for(recipe) -> SFT | Preference | Distill:
+    """The recipe's objective (its reference log-probs or teacher targets, when it needs them, are filled in by
+    `reference_logps` / `teacher.targets`)."""
     if recipe.train.method == "sft":
         return SFT()
+    if recipe.train.method == "distill":
+        return Distill(recipe.distill)
     return Preference(recipe.train.method, recipe.preference)
 
 

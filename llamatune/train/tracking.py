@@ -138,9 +138,9 @@ def log_eval(run: Path, summary: dict, out_dir: Path, step: int | None, say) -> 
     prefix = "eval" if step is None else "eval_checkpoint"
     record = {"step": step or 0}
     for name, entry in summary.items():
-        for part in ("tuned", "base", "delta", "ratio"):
-            if entry.get(part):
-                record[f"{prefix}.{metric_name(name)}.{part}"] = entry[part][0]
+        for part, value in entry.items():  # tuned, base, delta, ratio (several comparisons: start, delta_start, ...)
+            if isinstance(value, list) and value:
+                record[f"{prefix}.{metric_name(name)}.{part}"] = value[0]
     try:
         client, _ = _client(os.environ.get(URI_ENV) or info.get("uri"))
         tracker = Tracker(client, run_id, "", info.get("experiment_id", ""))
