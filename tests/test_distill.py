@@ -272,3 +272,88 @@ def test_recipe_checks_name_the_keys_and_the_fix(distill_folder, tmp_path, tiny_
     swapped = runner.invoke(app, ["validate", str(recipe), "--set", f"distill.teacher={other}"])
     assert swapped.exit_code == 2 and "2 token ids name different tokens" in swapped.output and repr(a) in swapped.output
     assert "Traceback" not in swapped.output
+
+
+def cli(*args: str, fault: str | None = None, nproc: int = 1, env: dict | None = None):
+    import os
+    import subprocess
+    import sys
+
+    from llamatune.train.checkpoint import FAULT_ENV
+
+    env = dict(os.environ, **(env or {}), **({"OMP_NUM_THREADS": "1"} if nproc > 1 else {}))
+    if fault:
+        env[FAULT_ENV] = fault
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "llamatune", *args]
+    else:
+        torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+        cmd = [torchrun, "--standalone", f"--nproc_per_node={nproc}", "-m", "llamatune", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def adapter(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+def test_distill_sigkill_then_resume_is_exact(distill_folder, tmp_path):
+    import signal
+
+    recipe = str(distill_folder / "distill.yaml")
+    whole = cli("train", recipe, "--run-dir", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
+    killed = cli("train", recipe, "--run-dir", str(tmp_path / "run"), fault="step:3")
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    resumed = cli("train", recipe, "--run-dir", str(tmp_path / "run"), "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "read from the cache" in resumed.stdout
+    got, want = adapter(tmp_path / "run"), adapter(tmp_path / "whole")
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_distill_on_two_processes_equals_one_teacher_pass_included(distill_folder, tmp_path):
+    """Unpacked, 80 rows make two teacher shards: each process computes one (in its own cache), and the cache and
+    the adapter equal one process's."""
+    from safetensors.torch import load_file
+
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch was built without the gloo backend")
+    write_jsonl(tmp_path / "train.jsonl", qa_rows(80))
+    shutil.copy(distill_folder / "eval.jsonl", tmp_path / "eval.jsonl")
+    recipe = tmp_path / "distill.yaml"
+    recipe.write_text((distill_folder / "distill.yaml").read_text()
+                      .replace("path: student", f"path: {distill_folder / 'student'}")
+                      .replace("teacher: teacher-run", f"teacher: {distill_folder / 'teacher-run'}")
+                      .replace("  micro_batch_size: 4\n", "  micro_batch_size: 4\n  seed: 5\n")
+                      .replace("  eval:\n", "  packing: false\n  eval:\n", 1))
+    settings = ["--set", "train.save_every=null", "--set", "train.max_steps=3"]
+    caches = {n: tmp_path / f"cache-{n}" for n in (1, 2)}
+    for n, cache in caches.items():
+        (cache / "models").mkdir(parents=True)
+        extra = ["--set", "train.micro_batch_size=2"] if n == 2 else []
+        result = cli("train", str(recipe), "--run-dir", str(tmp_path / f"run-{n}"), *settings, *extra, nproc=n,
+                     env={"LLAMATUNE_CACHE_DIR": str(cache)})
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    shards = {n: sorted((cache / "teacher").glob("*/*.safetensors")) for n, cache in caches.items()}
+    assert [p.name for p in shards[1]] == [p.name for p in shards[2]] == [
+        "eval-0000000.safetensors", "train-0000000.safetensors", "train-0000064.safetensors"]
+    for one, two in zip(shards[1], shards[2]):
+        a, b = load_file(one), load_file(two)
+        assert torch.equal(a["top"], b["top"]) and torch.equal(a["counts"], b["counts"])
+        torch.testing.assert_close(a["logp"], b["logp"], rtol=0, atol=1e-5)
+    got, want = adapter(tmp_path / "run-2"), adapter(tmp_path / "run-1")
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_bench_and_plan_take_a_distill_recipe(distill_folder):
+    runner = CliRunner()
+    benched = runner.invoke(app, ["bench", str(distill_folder / "distill.yaml"), "--steps", "2"])
+    assert benched.exit_code == 0, benched.output
+    assert "tokens/s" in benched.output
+    planned = runner.invoke(app, ["plan", str(distill_folder / "distill.yaml")])
+    assert planned.exit_code == 0, planned.output

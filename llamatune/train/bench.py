@@ -101,6 +101,7 @@ def _time_held_out(recipe, result, held_out_loss, torch) -> tuple[float, float]:
     held-out pair before step 1; 0 otherwise), from timing up to 16 held-out examples and scaling by tokens."""
     from accelerate import Accelerator
 
+    from llamatune.data.batches import collate as collate_rows
     from llamatune.data.batches import eval_order
     from llamatune.data.pipeline import build_datasets
     from llamatune.model import training_precision
@@ -116,6 +117,12 @@ def _time_held_out(recipe, result, held_out_loss, torch) -> tuple[float, float]:
     needs_reference = getattr(objective, "needs_reference", False)
     if needs_reference:  # timing only: the values do not change the work of a forward pass
         objective.reference = {"eval": [torch.zeros(len(row), 2) for row in sample]}
+    if recipe.train.method == "distill":  # likewise; the real teacher targets are cached by the bench's own run
+        from llamatune.data.encode import IGNORE_INDEX
+
+        positions = [int((collate_rows([row], tokenizer.pad_token_id)["labels"][:, 1:] != IGNORE_INDEX).sum()) for row in sample]
+        k = recipe.distill.top_k
+        objective.reference = {"eval": [(torch.zeros(n, k, dtype=torch.long), torch.full((n, k + 1), -1.0)) for n in positions]}
     precision = training_precision(recipe.train.precision)
     autocast = (lambda: torch.autocast(model.device.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
     t0 = time.perf_counter()

@@ -124,7 +124,13 @@ def targets(recipe, data, collate, pad_id: int, vocab: int, acc, autocast, preci
     folder = cache_dir() / "teacher" / cache_key(recipe, data, precision)[:32]
     done = folder / "complete.json"
     if not done.is_file():
-        with lock.hold(folder, "computing the teacher's targets", wait=True, say=say) if acc.is_main_process else _nothing():
+        import torch
+
+        # Loading the teacher draws random numbers (peft initializes the LoRA layers it then overwrites): a run that
+        # computes the pass and one that reads it from the cache must give the student the same initialization.
+        cuda = list(range(torch.cuda.device_count()))
+        with lock.hold(folder, "computing the teacher's targets", wait=True, say=say) if acc.is_main_process else _nothing(), \
+                torch.random.fork_rng(devices=cuda):
             if not done.is_file():
                 _compute(recipe, data, collate, pad_id, vocab, acc, autocast, precision, batch_size, console, folder)
         acc.wait_for_everyone()
