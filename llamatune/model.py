@@ -144,7 +144,8 @@ def load_base(ref: str, spec: ModelSpec, quant: QuantizationSpec, device_map=Non
         kwargs["quantization_config"] = _bnb_config(quant, sharded, precision)
         if not sharded:  # FSDP places the shards itself
             kwargs["device_map"] = device_map or ({"": 0} if torch.cuda.is_available() else {"": "cpu"})
-    load = partial(_from_local, Path(ref), kwargs) if _has_safetensors(Path(ref)) else \
+    local = Path(ref) if _has_safetensors(Path(ref)) else _hub_snapshot(ref, spec.revision)
+    load = partial(_from_local, local, kwargs, ref) if local is not None else \
         partial(AutoModelForCausalLM.from_pretrained, ref, **kwargs)
     try:
         # A local folder's damaged file is named; what is left (an unreachable hub id) gets the message below.
@@ -165,7 +166,37 @@ def _has_safetensors(folder: Path) -> bool:
     return folder.is_dir() and ((folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file())
 
 
-def _from_local(folder: Path, kwargs: dict):
+def _hub_snapshot(ref: str, revision: str | None) -> Path | None:
+    """A hub model's files in the Hugging Face cache (fetched there first when the hub is reachable): its configs
+    and the safetensors files its index names, nothing else (a repository may hold the same weights twice, e.g.
+    consolidated.safetensors beside the shards). None when they cannot be had this way (not a hub id, no
+    safetensors, unreachable): transformers' own loading then says why."""
+    if Path(ref).exists() or not _HUB_ID.match(ref):
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+        get = partial(hf_hub_download, ref, revision=revision)
+        config = Path(get("config.json"))
+        try:
+            index = json.loads(Path(get("model.safetensors.index.json")).read_text(encoding="utf-8"))
+            files = sorted(set(index["weight_map"].values()))
+        except (EntryNotFoundError, LocalEntryNotFoundError):  # one file, or (offline) no index in the cache
+            files = ["model.safetensors"]
+        for name in files:
+            get(name)
+        for optional in ("generation_config.json",):
+            try:
+                get(optional)
+            except (EntryNotFoundError, LocalEntryNotFoundError):
+                pass
+    except Exception:  # offline without a cached copy, gated, no safetensors: transformers' path reports it
+        return None
+    return config.parent
+
+
+def _from_local(folder: Path, kwargs: dict, name: str | None = None):
     """A local folder's model with its tensors read one at a time (tensors.deferred_state_dict), not memory-mapped:
     the peak of loading is then the model as loaded plus one stored tensor, not plus the whole checkpoint (which a
     dtype change or 4-bit quantization otherwise keeps mapped until the end). The weights are the same."""
@@ -180,7 +211,7 @@ def _from_local(folder: Path, kwargs: dict):
     rest = {k: v for k, v in kwargs.items() if k not in ("revision", "trust_remote_code")}
     model = model_class.from_pretrained(None, config=config, state_dict=deferred_state_dict(Safetensors.folder(folder)),
                                         **rest)
-    model.name_or_path = model.config._name_or_path = str(folder)  # what peft records as the adapter's base
+    model.name_or_path = model.config._name_or_path = name or str(folder)  # what peft records as the adapter's base
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)
     return model

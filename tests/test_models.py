@@ -32,11 +32,19 @@ def test_hub_id_loads_through_the_hub_code_path_offline(tmp_path, tiny_model_dir
 
     # huggingface_hub reads HF_HUB_CACHE at import; point the default cache at our fake one.
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     spec = ModelSpec(path="acme/tiny-llama")
     ref = resolve(spec)
     assert ref == "acme/tiny-llama"
+    import llamatune.model as models
+
+    streamed = []
+    real = models._from_local
+    monkeypatch.setattr(models, "_from_local", lambda *a: streamed.append(a[0]) or real(*a))
     model = load_base(ref, spec, QuantizationSpec())
     assert model.config.num_hidden_layers == 2 and model.config.use_cache is False
+    # read a tensor at a time from the cached snapshot, like a local folder, and recorded under its hub id
+    assert streamed == [snapshot] and model.name_or_path == "acme/tiny-llama"
 
 
 def test_lora_target_typo_gets_suggestion(tiny_model_dir):

@@ -196,6 +196,8 @@ def dpo_runs(tmp_path_factory, tiny_model_dir):
     for recipe, run in ((sft, "sft-run"), (dpo, "dpo-run")):
         result = cli("train", str(recipe), "--run-dir", str(folder / run))
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        # the step statistics are read off detached tensors: torch warned on every step when they were not
+        assert "requires_grad=True to a scalar" not in result.stdout + result.stderr
     return folder, dpo
 
 
