@@ -219,3 +219,23 @@ def assert_strict_json(folder: Path) -> int:
                 raise AssertionError(f"{path.relative_to(folder)} (document {number}) is not strict JSON: {exc}") from None
             count += 1
     return count
+
+
+def llamatune_cli(*args: str, fault: str | None = None, nproc: int = 1, env: dict | None = None):
+    """Runs `llamatune ARGS` in a fresh process (under torchrun with `nproc` > 1), with a fault point armed
+    (train/checkpoint.fault: e.g. "step:3" SIGKILLs the process there) and extra environment variables."""
+    import shutil
+    import subprocess
+    import sys
+
+    from llamatune.train.checkpoint import FAULT_ENV
+
+    env = dict(os.environ, **(env or {}), **({"OMP_NUM_THREADS": "1"} if nproc > 1 else {}))
+    if fault:
+        env[FAULT_ENV] = fault
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "llamatune", *args]
+    else:
+        torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+        cmd = [torchrun, "--standalone", f"--nproc_per_node={nproc}", "-m", "llamatune", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

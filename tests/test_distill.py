@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import llamatune_cli as cli
 from conftest import qa_rows, write_jsonl
 from typer.testing import CliRunner
 
@@ -272,24 +273,6 @@ def test_recipe_checks_name_the_keys_and_the_fix(distill_folder, tmp_path, tiny_
     swapped = runner.invoke(app, ["validate", str(recipe), "--set", f"distill.teacher={other}"])
     assert swapped.exit_code == 2 and "2 token ids name different tokens" in swapped.output and repr(a) in swapped.output
     assert "Traceback" not in swapped.output
-
-
-def cli(*args: str, fault: str | None = None, nproc: int = 1, env: dict | None = None):
-    import os
-    import subprocess
-    import sys
-
-    from llamatune.train.checkpoint import FAULT_ENV
-
-    env = dict(os.environ, **(env or {}), **({"OMP_NUM_THREADS": "1"} if nproc > 1 else {}))
-    if fault:
-        env[FAULT_ENV] = fault
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "llamatune", *args]
-    else:
-        torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
-        cmd = [torchrun, "--standalone", f"--nproc_per_node={nproc}", "-m", "llamatune", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def adapter(run: Path) -> dict:

@@ -3,24 +3,21 @@ SIGKILL and two processes give the same adapter, eval compares against the start
 
 import copy
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import llamatune_cli as cli
 from conftest import write_jsonl
 from llamatune.data.batches import collate
 from llamatune.data.encode import encode_pair
 from llamatune.data.formats import Turn
 from llamatune.model import load_tokenizer
 from llamatune.schema import PreferenceSpec
-from llamatune.train.checkpoint import FAULT_ENV
 from llamatune.train.objective import Preference
 from llamatune.train.preference import pair_logps
 
@@ -174,18 +171,6 @@ def write_runs_folder(folder: Path, model_dir: Path) -> tuple[Path, Path]:
                    "  warmup_ratio: 0.2\n  save_every: 1\n  precision: fp32\n  eval_every: 4\n"
                    "preference:\n  beta: 0.5\n  reference: adapter_start\n")
     return sft, dpo
-
-
-def cli(*args: str, fault: str | None = None, nproc: int = 1) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1") if nproc > 1 else dict(os.environ)
-    if fault:
-        env[FAULT_ENV] = fault
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "llamatune", *args]
-    else:
-        torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
-        cmd = [torchrun, "--standalone", f"--nproc_per_node={nproc}", "-m", "llamatune", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")

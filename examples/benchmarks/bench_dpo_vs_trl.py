@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +34,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
-from bench_vs_hf import _machine, _peaks  # noqa: E402  (the same peak and machine readings as the SFT benchmark)
+from bench_vs_hf import _machine, _peaks, run_worker  # noqa: E402  (the same peak and machine readings as the SFT benchmark)
 
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
 MICRO_BATCH, LR, BETA, WARMUP, SEED = 4, 2e-4, 0.1, 0.1, 0
@@ -131,7 +129,6 @@ def main() -> None:
     if any(side not in SIDES for side in sides) or "trl" not in sides or "llamatune" not in sides:
         parser.error(f"--sides: trl, llamatune and any of {', '.join(SIDES)}, comma-separated")
 
-    from llamatune.memory import preload_environment
     from llamatune.model import resolve
     from llamatune.schema import ModelSpec
 
@@ -146,15 +143,7 @@ def main() -> None:
                 folder.mkdir()
                 (folder / "pairs.jsonl").write_text("\n".join(lines[: args.pairs]) + "\n")
                 (folder / "heldout.jsonl").write_text("\n".join(held) + "\n")
-                env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-                if side.startswith("llamatune"):  # as the `llamatune` program starts a run (tcmalloc when installed)
-                    env = preload_environment(["train"], env) or env
-                done = subprocess.run([sys.executable, __file__, "--worker", side, "--folder", str(folder), "--model", model_dir],
-                                      capture_output=True, text=True, env=env)
-                line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
-                if done.returncode or line is None:
-                    sys.exit(f"{side} run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-                result = json.loads(line.removeprefix("RESULT "))
+                result = run_worker(__file__, side, folder, model_dir, llamatune=side.startswith("llamatune"))
                 result["pair_tokens_per_s"] = result["pair_tokens"] / result["train_s"]
                 runs[side].append(result)
                 print(f"{side} #{r + 1}: {result['pair_tokens_per_s']:.1f} pair tok/s, {result['train_s']:.1f} s, "

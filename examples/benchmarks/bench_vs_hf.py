@@ -162,6 +162,23 @@ def worker_llamatune(folder: Path, model_dir: str, checkpointing: bool = False) 
             "precision": result.summary["precision"], "heldout_loss": heldout_loss(model, tokenizer, held), **peaks}
 
 
+def run_worker(script: str, side: str, folder: Path, model_dir: str, llamatune: bool) -> dict:
+    """Runs `script --worker SIDE` in a fresh process and returns the dict it printed as `RESULT {...}`. A llamatune
+    side starts the way the `llamatune` program starts a training run (under tcmalloc when installed, memory.py);
+    the others on the system allocator, as their users run them."""
+    from llamatune.memory import preload_environment
+
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if llamatune:
+        env = preload_environment(["train"], env) or env
+    done = subprocess.run([sys.executable, script, "--worker", side, "--folder", str(folder), "--model", model_dir],
+                          capture_output=True, text=True, env=env)
+    line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if done.returncode or line is None:
+        sys.exit(f"{side} run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return json.loads(line.removeprefix("RESULT "))
+
+
 def _peaks() -> dict:
     import torch
 
@@ -237,7 +254,6 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from llamatune.memory import preload_environment
     from llamatune.model import resolve
     from llamatune.schema import ModelSpec
 
@@ -255,15 +271,7 @@ def main() -> None:
                     (run_dir / name).write_text((folder / name).read_text())
                 # Each side runs as its users run it: HF on the system allocator, llamatune the way the
                 # `llamatune` program starts a training run (under tcmalloc when installed, memory.py).
-                env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-                if side != "hf":
-                    env = preload_environment(["train"], env) or env
-                done = subprocess.run([sys.executable, __file__, "--worker", side, "--folder", str(run_dir), "--model", model_dir],
-                                      capture_output=True, text=True, env=env)
-                line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
-                if done.returncode or line is None:
-                    sys.exit(f"{side} run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-                result = json.loads(line.removeprefix("RESULT "))
+                result = run_worker(__file__, side, run_dir, model_dir, llamatune=side != "hf")
                 result["tokens_per_s"] = result["real_tokens"] / result["train_s"]
                 runs[side].append(result)
                 print(f"{side} #{r + 1}: {result['tokens_per_s']:.1f} real tok/s, peak RSS {result['peak_rss_gib']:.2f} GiB, "
