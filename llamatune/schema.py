@@ -80,6 +80,19 @@ Reader = Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "text", "xml"
 Format = Literal["instruction", "chat", "text", "multiple_choice", "classification", "preference"]
 
 
+# The source keys only some formats read.
+_READ_BY = {
+    "prompt": ("instruction", "multiple_choice", "classification", "preference"),
+    "response": ("instruction",),
+    "chosen": ("preference",), "rejected": ("preference",), "pairs": ("preference",),
+    "messages": ("chat",), "roles": ("chat", "preference"),
+    "text": ("text",),
+    "options": ("multiple_choice",), "answer_with": ("multiple_choice",),
+    "answer": ("multiple_choice", "classification"),
+    "labels": ("classification",),
+}
+
+
 class SourceSpec(_Spec):
     """One data source and how its records become examples. Templates use `{field.path}` (see data/fields.py)."""
 
@@ -134,6 +147,20 @@ class SourceSpec(_Spec):
         if bad:
             raise ValueError(f"roles must map to system, user or assistant; got {bad}")
         return value
+
+    @model_validator(mode="after")
+    def _keys_its_format_reads(self) -> "SourceSpec":
+        # A key another format reads would be ignored in silence (`response:` on a preference source, `chosen:` on an
+        # instruction one): almost always a format left at its default or a template under the wrong name. By value,
+        # so a run's resolved recipe, which writes every key out with its default, still loads.
+        for key, formats in _READ_BY.items():
+            if self.format not in formats and getattr(self, key) != type(self).model_fields[key].get_default(call_default_factory=True):
+                raise conflict((key, "format"), f"{key} is read by format: {' / '.join(formats)} only, and this source is "
+                               f"format: {self.format}; remove {key}, or set the format it belongs to")
+        if self.format == "preference" and self.pairs == "shared_prefix" and self.prompt != "{prompt}":
+            raise conflict(("prompt", "pairs"), "pairs: shared_prefix takes the prompt from what the two conversations "
+                           "share, so prompt is not read; remove it, or use pairs: fields")
+        return self
 
 
 def _as_sources(value: Any) -> Any:
