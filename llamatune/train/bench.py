@@ -38,7 +38,8 @@ def run_bench(recipe_path: Path, overrides: list[str], steps: int, console: Cons
     from llamatune.train import plan as planning
     from llamatune.recipe import load_recipe
     from llamatune.memory import active_allocator, peak_rss_gib
-    from llamatune.train.loop import _held_out_loss, train
+    from llamatune.train.loop import train
+    from llamatune.train.objective import held_out_mean
 
     runtime = planning.runtime_resident_bytes()  # before the model loads: what plan calls "runtime"
     recipe = load_recipe(recipe_path, overrides)
@@ -53,7 +54,7 @@ def run_bench(recipe_path: Path, overrides: list[str], steps: int, console: Cons
         wall = time.perf_counter() - t0
         lines = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
         with Phase(console, "bench: timing held-out batches (for the projection)"):
-            eval_s, reference_s = _time_held_out(recipe, result, _held_out_loss, torch)  # reads the run's tokenizer
+            eval_s, reference_s = _time_held_out(recipe, result, held_out_mean, torch)  # reads the run's tokenizer
     steps_logged = [m for m in lines if "tokens_per_s" in m]
     elapsed = [m["elapsed_s"] for m in steps_logged]
     durations = [b - a for a, b in zip([0.0] + elapsed, elapsed)]

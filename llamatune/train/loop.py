@@ -92,7 +92,7 @@ def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, 
 
     from llamatune.train.dropout import use_fast_dropout  # these three import torch: after the lock, like it
     from llamatune.train.fused import use_lean_blocks, use_lean_lora
-    from llamatune.train.objective import objective_for, reference_logps
+    from llamatune.train.objective import held_out_mean, objective_for, reference_logps
     from llamatune.train.start import load_start
     from llamatune.train.teacher import targets as teacher_targets
 
@@ -216,7 +216,7 @@ def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, 
         progress.hold(True)  # the pass prints its own lines
         batches = eval_order(data.eval, cfg.micro_batch_size)[acc.process_index :: acc.num_processes]
         with Phase(console, f"held-out pass at step {step}", len(batches), "batches", acc.is_main_process) as phase:
-            loss, stats = _held_out_loss(model, objective, data.eval, batches, tokenizer.pad_token_id, acc, autocast,
+            loss, stats = held_out_mean(model, objective, data.eval, batches, tokenizer.pad_token_id, acc, autocast,
                                          phase.advance)
         progress.hold(False)
         progress.held_out_pass(time.perf_counter() - t0)
@@ -388,30 +388,3 @@ def _train(recipe: Recipe, run_dir: Path, console: Console, resume: str | None, 
         + (f"  held-out loss {eval_before:.4f} → {eval_after:.4f}" if eval_after is not None and eval_before is not None
            else f"  held-out loss {eval_after:.4f}" if eval_after is not None else ""))
     return TrainResult(summary=summary, model=acc.unwrap_model(model))
-
-
-def _held_out_loss(model, objective, rows, batches: list, pad_id: int, acc, autocast, tick) -> tuple[float, dict]:
-    """The objective's mean over the held-out examples (this process's `batches` of row indices), summed across
-    processes, with its statistics (preference runs: reward accuracy, margin, log-probs); `tick()` after each batch."""
-    import torch
-
-    model.eval()
-    width = len(objective.counts(collate([rows[0]], pad_id))) if rows else 1
-    sums, counts = torch.zeros(width, dtype=torch.float64), torch.zeros(width, dtype=torch.float64)
-    stats = torch.zeros(len(objective.stat_names), dtype=torch.float64)
-    with torch.no_grad():
-        for idx in batches:
-            batch = {k: v.to(acc.device) for k, v in collate([rows[i] for i in idx], pad_id).items()}
-            if objective.reference is not None:
-                batch = objective.attach(batch, "eval", idx)
-            with autocast():
-                terms = objective.terms(model, batch)
-            sums += terms.sums.detach().double().cpu()
-            counts += terms.counts.double()
-            stats += torch.tensor([terms.stats[name] for name in objective.stat_names], dtype=torch.float64)
-            tick()
-    # float64 does not cross every backend (MPS, some collectives): the sums travel as float32
-    sums = acc.reduce(sums.float().to(acc.device), "sum").double()
-    counts = acc.reduce(counts.float().to(acc.device), "sum").double().clamp(min=1)
-    stats = acc.reduce(stats.float().to(acc.device), "sum").double() / counts[-1]
-    return float((sums / counts).sum()), dict(zip(objective.stat_names, stats.tolist()))

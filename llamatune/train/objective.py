@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from llamatune.data.batches import collate
 from llamatune.data.encode import IGNORE_INDEX
 from llamatune.train.loss import summed_loss
 from llamatune.train import preference as pref
@@ -178,3 +179,26 @@ def reference_logps(model, data, collate, pad_id: int, acc, autocast, batch_size
     return found
 
 
+def held_out_mean(model, objective, rows, batches: list, pad_id: int, acc, autocast, tick) -> tuple[float, dict]:
+    """The objective's mean over the held-out examples (this process's `batches` of row indices), summed across
+    processes, with its statistics (preference runs: reward accuracy, margin, log-probs); `tick()` after each batch."""
+    model.eval()
+    width = len(objective.counts(collate([rows[0]], pad_id))) if rows else 1
+    sums, counts = torch.zeros(width, dtype=torch.float64), torch.zeros(width, dtype=torch.float64)
+    stats = torch.zeros(len(objective.stat_names), dtype=torch.float64)
+    with torch.no_grad():
+        for idx in batches:
+            batch = {k: v.to(acc.device) for k, v in collate([rows[i] for i in idx], pad_id).items()}
+            if objective.reference is not None:
+                batch = objective.attach(batch, "eval", idx)
+            with autocast():
+                terms = objective.terms(model, batch)
+            sums += terms.sums.detach().double().cpu()
+            counts += terms.counts.double()
+            stats += torch.tensor([terms.stats[name] for name in objective.stat_names], dtype=torch.float64)
+            tick()
+    # float64 does not cross every backend (MPS, some collectives): the sums travel as float32
+    sums = acc.reduce(sums.float().to(acc.device), "sum").double()
+    counts = acc.reduce(counts.float().to(acc.device), "sum").double().clamp(min=1)
+    stats = acc.reduce(stats.float().to(acc.device), "sum").double() / counts[-1]
+    return float((sums / counts).sum()), dict(zip(objective.stat_names, stats.tolist()))
