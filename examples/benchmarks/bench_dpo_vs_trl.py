@@ -34,7 +34,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
-from bench_vs_hf import _machine, _peaks, run_worker  # noqa: E402  (the same peak and machine readings as the SFT benchmark)
+from bench_vs_hf import _machine, _peaks, run_worker, with_side_arguments  # noqa: E402  (the same peak and machine readings as the SFT benchmark)
 
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
 MICRO_BATCH, LR, BETA, WARMUP, SEED = 4, 2e-4, 0.1, 0.1, 0
@@ -111,13 +111,7 @@ def worker_llamatune(folder: Path, model_dir: str, method: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=64, help="training pairs (from examples/medical/preference_train.jsonl)")
-    parser.add_argument("--repeats", type=int, default=2, help="alternating runs per side; medians are reported")
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="builtin alias or local model folder")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
-    parser.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, from {', '.join(SIDES)}")
-    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
-    parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = with_side_arguments(parser, SIDES).parse_args()
     if args.worker:
         if args.worker.startswith("trl"):
             result = worker_trl(args.folder, args.model, precompute=args.worker == "trl_precompute")

@@ -162,6 +162,18 @@ def worker_llamatune(folder: Path, model_dir: str, checkpointing: bool = False) 
             "precision": result.summary["precision"], "heldout_loss": heldout_loss(model, tokenizer, held), **peaks}
 
 
+def with_side_arguments(parser: argparse.ArgumentParser, sides: tuple[str, ...]) -> argparse.ArgumentParser:
+    """The arguments every side-by-side benchmark takes: repeats, model, output folder, sides, and the hidden
+    --worker / --folder its own worker processes are started with."""
+    parser.add_argument("--repeats", type=int, default=2, help="alternating runs per side; medians are reported")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="builtin alias or local model folder")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--sides", default=",".join(sides), help=f"comma-separated, from {', '.join(sides)}")
+    parser.add_argument("--worker", choices=sides, help=argparse.SUPPRESS)
+    parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
+    return parser
+
+
 def run_worker(script: str, side: str, folder: Path, model_dir: str, llamatune: bool) -> dict:
     """Runs `script --worker SIDE` in a fresh process and returns the dict it printed as `RESULT {...}`. A llamatune
     side starts the way the `llamatune` program starts a training run (under tcmalloc when installed, memory.py);
@@ -234,13 +246,7 @@ def main() -> None:
     parser.add_argument("--data", choices=["medquad", "project"], default="medquad")
     parser.add_argument("--train-examples", type=int, default=64)
     parser.add_argument("--heldout-examples", type=int, default=24)
-    parser.add_argument("--repeats", type=int, default=2, help="alternating runs per side; medians are reported")
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="builtin alias or local model folder")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
-    parser.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, from {', '.join(SIDES)}")
-    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
-    parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = with_side_arguments(parser, SIDES).parse_args()
     if args.worker:
         if args.worker == "hf":
             result = worker_hf(args.folder, args.model)
