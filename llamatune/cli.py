@@ -16,10 +16,14 @@ from llamatune import __version__
 from llamatune.errors import LlamatuneError, RecipeError
 from llamatune.terminal import App as _App
 from llamatune.terminal import Group as _Group
-from llamatune.terminal import err, out
+from llamatune.terminal import out
 from llamatune.terminal import quiet_libraries as _quiet_libraries
 from llamatune.terminal import run as _run
-from llamatune.cli_models import models_app
+from llamatune.cli_common import RecipeArg, SetOpt
+from llamatune.cli_common import load_checked as _load_checked
+from llamatune.cli_common import use_recipe as _use_recipe
+from llamatune.cli_common import use_run as _use_run
+from llamatune.cli_groups import data_app, models_app
 
 app = _App(
     cls=_Group,
@@ -29,15 +33,7 @@ app = _App(
     pretty_exceptions_enable=False,  # bugs get a plain traceback; user errors never reach here
 )
 app.add_typer(models_app, name="models")
-data_app = _App(cls=_Group, help="Inspect what the data pipeline makes of a recipe's data, before training.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-
-RecipeArg = typer.Argument(..., help="YAML recipe file (see recipes/).", show_default=False)
-SetOpt = typer.Option(
-    None, "--set", metavar="KEY=VALUE", help="Override a recipe key, value parsed as YAML: --set train.lr=1e-4 --set lora.r=8",
-    show_default=False,
-)
-
 
 def _version(value: bool) -> None:
     if value:
@@ -50,39 +46,6 @@ def main(
     version: bool = typer.Option(False, "--version", metavar="", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
     """Fine-tune Llama-family models with LoRA/QLoRA."""
-
-
-def _use_recipe(recipe: Path, overrides: Optional[List[str]], saved: bool = False):
-    """Loads the recipe and hands its redactor to the consoles, so nothing printed from here on shows a
-    value taken from the environment."""
-    from llamatune.recipe import load_recipe, redactor_of
-
-    parsed = load_recipe(recipe, overrides or [], saved=saved)
-    out.redactor = err.redactor = redactor_of(parsed)
-    return parsed
-
-
-def _use_run(path: Path) -> None:
-    """For a command on a run directory: its recipe's redactor for the consoles, when the recipe loads (a run that
-    does not is the command's to report)."""
-    if (path / "recipe.yaml").is_file():
-        try:
-            _use_recipe(path / "recipe.yaml", [], saved=True)
-        except LlamatuneError:
-            pass
-
-
-def _load_checked(recipe: Path, overrides: Optional[List[str]], need_train: bool = True):
-    """Loads the recipe and checks what needs neither tokenizer nor weights: schema, data files, model reference
-    (and, unless need_train is False, that it has training data).
-
-    Returns:
-        (recipe, model source kind).
-    """
-    from llamatune.preflight import check_files
-
-    parsed = _use_recipe(recipe, overrides)
-    return parsed, check_files(parsed, str(recipe), need_train)
 
 
 @app.command()
@@ -379,39 +342,5 @@ def runs_command(
         from llamatune.runs import command
 
         command(args or [], as_json, out)
-
-    _run(body)
-
-
-@data_app.command("check")
-def data_check(recipe: Path = RecipeArg, overrides: Optional[List[str]] = SetOpt) -> None:
-    """Read, render and tokenize RECIPE's data; report counts, drops by reason, duplicates and overlap."""
-
-    def body() -> None:
-        parsed, _ = _load_checked(recipe, overrides, need_train=False)
-        _quiet_libraries()
-        from llamatune.data import report as datareport
-
-        data, _ = datareport.load(parsed, str(recipe), say=out.print)
-        datareport.report(data, out)
-
-    _run(body)
-
-
-@data_app.command("preview")
-def data_preview(
-    recipe: Path = RecipeArg,
-    overrides: Optional[List[str]] = SetOpt,
-    n: int = typer.Option(3, "-n", min=1, help="How many training examples to show."),
-) -> None:
-    """Show rendered training examples with the trained tokens highlighted, and length statistics."""
-
-    def body() -> None:
-        parsed, _ = _load_checked(recipe, overrides, need_train=False)
-        _quiet_libraries()
-        from llamatune.data import report as datareport
-
-        data, tokenizer = datareport.load(parsed, str(recipe), say=out.print)
-        datareport.preview(data, tokenizer, n, out)
 
     _run(body)

@@ -17,6 +17,7 @@ complete.json.
 from __future__ import annotations
 
 import gc
+from contextlib import nullcontext
 import hashlib
 import json
 from array import array
@@ -129,7 +130,7 @@ def targets(recipe, data, collate, pad_id: int, vocab: int, acc, autocast, preci
         # Loading the teacher draws random numbers (peft initializes the LoRA layers it then overwrites): a run that
         # computes the pass and one that reads it from the cache must give the student the same initialization.
         cuda = list(range(torch.cuda.device_count()))
-        with lock.hold(folder, "computing the teacher's targets", wait=True, say=say) if acc.is_main_process else _nothing(), \
+        with lock.hold(folder, "computing the teacher's targets", wait=True, say=say) if acc.is_main_process else nullcontext(), \
                 torch.random.fork_rng(devices=cuda):
             if not done.is_file():
                 _compute(recipe, data, collate, pad_id, vocab, acc, autocast, precision, batch_size, console, folder)
@@ -137,14 +138,6 @@ def targets(recipe, data, collate, pad_id: int, vocab: int, acc, autocast, preci
     else:
         say(f"teacher targets: read from the cache {folder} (computed by an earlier run with the same teacher and data)")
     return {split: _read(folder, split, len(rows)) for split, rows in (("train", data.train), ("eval", data.eval))}
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _shards(rows: list) -> list[int]:
